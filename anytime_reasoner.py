@@ -1,0 +1,1189 @@
+"""AnytimeReasoner with Budget Relative Policy Optimization (BRPO), in one file.
+
+A minimal, single-GPU reimplementation of
+
+    Optimizing Anytime Reasoning via Budget Relative Policy Optimization
+    Qi, Liu, Pang, Du, Lee, Lin, 2025, arXiv 2505.13438
+
+The model thinks once per question (up to the largest budget); the thinking is
+cut at every budget b_s, a short summary ("**Final Answer** ... \\boxed{}") is
+sampled after each cut, and every summary is scored. Thinking tokens are then
+rewarded for how good the answers at *all later budgets* are (weighted by a
+budget prior), against a baseline that mixes the trace's own progress so far
+(V1) with the group mean (V2). That is BRPO. Summaries get their own,
+decoupled advantage.
+
+Run it:
+    python train_small.py                      # one GPU, Qwen2.5-0.5B-Instruct on GSM8K
+    python train_small.py --demo               # CPU, offline, a few minutes
+    python -m pytest -q test_anytime_reasoner.py
+
+Shapes used throughout (letters defined once, here):
+    B questions, G thinking traces per question, S budgets, A summaries per
+    (trace, budget), N = B*G traces, T tokens of a packed sequence,
+    V vocabulary size, H hidden size.
+
+Where this file departs from the paper (the authors' code, a verl fork with
+vLLM on 8 GPUs, is followed where it and the paper differ):
+ 1. Rollouts use Hugging Face `generate` (no vLLM). Thinking stops at the
+    first `</think>` (one special token or several ordinary ones), EOS, or the
+    last budget. Summaries stop at EOS or, by default, as soon as the boxed
+    answer in the "**Final Answer**" paragraph is closed (saves tokens; the
+    authors let them run to EOS or 118 tokens).
+ 2. Budgets whose summary prompts are identical (a trace that closed before
+    them, or one that ended in EOS) share one prompt: its summaries are
+    sampled once (A per budget that collapsed) and pooled, as the authors do.
+    The same pooling also covers the sibling baseline of the summaries.
+ 3. A trace that ended in EOS instead of `</think>` still gets summaries (all
+    scored 0, per SPEC); its EOS token is trained with its segment's advantage.
+ 4. The loss is divided by a constant normaliser chosen by the caller
+    (train_small.py: traces x (largest budget + S*A*summary length)), not by
+    the number of tokens in the batch, so micro-batches add up exactly.
+ 5. The answer checker builds sympy expressions with its own small parser and
+    never calls `sympify`/`parse_expr` (they `eval` model text).
+ 6. One PPO update per rollout batch by default, so the "old" log-probs are
+    the detached current ones and no extra forward pass is made.
+"""
+from __future__ import annotations
+
+import bisect
+import operator
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Tuple, Union
+
+import sympy
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationConfig
+
+# ----------------------------------------------------------------------------
+# 1. Prompts and text format
+# ----------------------------------------------------------------------------
+
+THINK_END = "</think>"
+ANSWER_HEADING = "**Final Answer**"
+# SPEC 2: text inserted after the thinking, never trained.
+TRUNCATED_INSERT = "...\n\n...\n\n" + THINK_END + "\n\n" + ANSWER_HEADING + "\n"  # trace cut short
+CLOSED_INSERT = "\n\n" + ANSWER_HEADING + "\n"                                 # trace closed by itself
+
+INSTRUCTION = (
+    "Think step by step inside <think> </think>. After </think>, write "
+    "'**Final Answer**' and then the final answer in \\boxed{}."
+)
+
+
+def format_prompt(tokenizer, question: str) -> str:
+    """Chat-formatted prompt whose assistant turn opens with `<think>`."""
+    content = question.strip() + "\n\n" + INSTRUCTION
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        if "<think>" in text[-20:]:  # Qwen3-style templates already open the thinking block
+            return text if text.endswith("\n") else text + "\n"
+        return text + "<think>\n"
+    return content + "\n<think>\n"
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Token ids that end a generation: EOS (and the chat end-of-turn token if any)."""
+    ids = {tokenizer.eos_token_id}
+    for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
+        if tid is not None:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+# ----------------------------------------------------------------------------
+# 2. Answer checker (sympy, never eval) and the SPEC 3 score
+# ----------------------------------------------------------------------------
+
+# A parsed answer: a sympy expression, or a collection ("()", "[]" or "{}", items).
+Value = Union[sympy.Expr, Tuple[str, Tuple["Value", ...]]]
+
+_HEADING = ANSWER_HEADING
+_MAX_RAW_CHARS = 10_000     # longer answers are only compared as exact strings
+_MAX_PARSE_CHARS = 500      # longer answers skip the sympy stage
+_MAX_DEPTH = 40             # parser nesting limit, far below Python's recursion limit
+_MAX_EXPONENT = 1000        # |p| in x^(p/q)
+_MAX_ROOT = 100             # q in x^(p/q)
+_MAX_BITS = 20_000          # bound on the size of any number we may create
+_MAX_ROOT_BITS = 1024       # bound on all radicands together (sympy factors them)
+_MAX_ITEMS = 16             # longest tuple or set we compare
+_MAX_SYMBOLS = 6
+_SYMBOL_BITS = 10           # sample values below have numerator, denominator < 32
+_REL_TOL = Fraction(1, 10**6)
+_SAMPLES = tuple(sympy.Rational(p, q) for p, q in [
+    (13, 17), (23, 19), (7, 11), (29, 31), (17, 5), (11, 29), (31, 13), (5, 23), (19, 7), (3, 17),
+    (25, 11), (9, 31), (27, 19), (11, 3), (15, 29), (21, 13), (29, 9), (7, 27), (23, 5), (13, 29)])
+
+_BRACE_RE = re.compile(r"\\.|[{}]", re.S)   # an escaped char, or a brace
+_BLANK_LINE_RE = re.compile(r"\n[ \t]*\n")
+_BOX_TOKEN_RE = re.compile(r"[^\s$]+")
+_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}(\^\{?\d\}?)?")
+_UNIT_RE = re.compile(r"[A-Za-z][A-Za-z .]*")
+_TRAILING_WORDS_RE = re.compile(r"([-+]?[\d.,/]*\d)\s+[A-Za-z]{2}[A-Za-z\s]*")
+_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_TOKEN_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+|\\[A-Za-z]+|\\[{}]|[A-Za-z]+|[-+*/^()\[\]{},])")
+_COMMANDS = {"\\frac", "\\sqrt", "\\pi", "\\{", "\\}", "\\cdot", "\\times"}
+_OPENERS = {"(": ")", "[": "]", "{": "}", "\\{": "\\}"}
+_KINDS = {"(": "()", "[": "[]", "{": "{}", "\\{": "{}"}
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+# Plain string rewrites applied before anything else (order matters).
+_REPLACEMENTS = [
+    ("\r", ""), ("\\!", ""), ("\\,", " "), ("\\;", " "), ("\\:", " "), ("\\ ", " "),
+    ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", ""),
+    ("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
+    ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\u00b0", ""), ("{,}", ","),
+]
+
+
+class _ParseError(Exception):
+    """Raised inside the parser for anything outside the supported grammar."""
+
+
+# 2a. extraction
+
+def extract_answer(text: str) -> str | None:
+    """Return the last \\boxed{...} of the "**Final Answer**" paragraph, else None.
+
+    The paragraph starts after the first heading (leading whitespace skipped)
+    and ends at the next blank line. Without a heading the whole text is used.
+    """
+    try:
+        text = text.replace("\r\n", "\n")
+        start = text.find(_HEADING)
+        if start != -1:
+            text = text[start + len(_HEADING):].lstrip()
+            blank = _BLANK_LINE_RE.search(text)
+            text = text[:blank.start()] if blank else text
+        return _last_box(text)
+    except Exception:
+        return None
+
+
+def _last_box(text: str) -> str | None:
+    """Content of the last \\boxed{...} (or "\\boxed 5") in text; None if absent or unclosed."""
+    result, pos = None, 0
+    while (i := text.find("\\boxed", pos)) != -1:
+        j = i + len("\\boxed")
+        k = j
+        while k < len(text) and text[k] == " ":
+            k += 1
+        if k < len(text) and text[k] == "{":
+            end = _closing_brace(text, k)
+            if end == -1:
+                return None  # the last box never closes
+            result, pos = text[k + 1:end], end + 1
+        elif k > j and (m := _BOX_TOKEN_RE.match(text, k)):
+            result, pos = m.group(), m.end()  # "\boxed 5": a single token
+        else:
+            pos = j
+    return result
+
+
+def _closing_brace(text: str, open_at: int) -> int:
+    """Index of the brace closing text[open_at], or -1; one linear pass, no recursion."""
+    depth = 0
+    for m in _BRACE_RE.finditer(text, open_at):
+        if m.group() == "{":
+            depth += 1
+        elif m.group() == "}":
+            depth -= 1
+            if depth == 0:
+                return m.start()
+    return -1
+
+
+# 2b. matching
+
+def answers_match(given: str | None, truth: str) -> bool:
+    """True if the extracted answer equals the ground truth (string, numeric or symbolic)."""
+    if given is None:
+        return False
+    try:
+        return _match(given, truth)
+    except Exception:  # last resort only: the guards below should make this unreachable
+        return False
+
+
+def _match(given: str, truth: str) -> bool:
+    """Normalise both sides, split "a = 5" style answers, then compare each side."""
+    if len(given) > _MAX_RAW_CHARS or len(truth) > _MAX_RAW_CHARS:
+        return given.strip() == truth.strip()
+    g, t = _normalise(given), _normalise(truth)
+    if not g or not t:
+        return False
+    if _squash(g) == _squash(t):
+        return True
+    g_sides, t_sides = g.split("="), t.split("=")
+    if len(g_sides) == len(t_sides):
+        pairs = list(zip(g_sides, t_sides))
+    elif len(t_sides) == 1:
+        pairs = [(g_sides[-1], t)]       # "x = 5" vs "5": compare the right-hand side
+    elif len(g_sides) == 1:
+        pairs = [(g, t_sides[-1])]
+    else:
+        return False
+    return all(_sides_match(a.strip(), b.strip()) for a, b in pairs)
+
+
+def _sides_match(g: str, t: str) -> bool:
+    """(a) exact string, (b) plain numbers, (c) symbolic equality of parsed values."""
+    if not g or not t:
+        return False
+    if _squash(g) == _squash(t):
+        return True
+    g_num, t_num = _as_number(_squash(g)), _as_number(_squash(t))
+    if g_num is not None and t_num is not None:
+        return _close(g_num, t_num)
+    if len(g) > _MAX_PARSE_CHARS or len(t) > _MAX_PARSE_CHARS:
+        return False
+    g_val, t_val = _parse(g), _parse(t)
+    if g_val is None or t_val is None:
+        return False
+    return _values_equal(g_val, t_val)
+
+
+def _normalise(s: str) -> str:
+    """Strip LaTeX decoration, units, dollars, percent and thousands separators."""
+    s = s.strip()
+    for old, new in _REPLACEMENTS:
+        s = s.replace(old, new)
+    s = _TEXT_RE.sub(_unwrap_text, s).strip().rstrip(".").strip()
+    s = _drop_thousands_commas(s)
+    if m := _TRAILING_WORDS_RE.fullmatch(s):
+        s = m.group(1)  # "18 dollars" -> "18"
+    if re.fullmatch(r"\([A-Z]\)", s):
+        s = s[1]        # multiple choice "(A)" -> "A"
+    return s
+
+
+def _unwrap_text(m: re.Match[str]) -> str:
+    """\\text{...}: drop it when it is a unit after a value, otherwise keep its content."""
+    content = m.group(1).strip()
+    if m.string[:m.start()].strip() and _UNIT_RE.fullmatch(content):
+        return ""
+    return content + (m.group(2) or "")
+
+
+def _drop_thousands_commas(s: str) -> str:
+    """Remove "," between a digit and exactly three digits, outside ( [ \\{ groups."""
+    out, depth = [], 0
+    for i, ch in enumerate(s):
+        prev = s[i - 1] if i else ""
+        if ch in "([" or (ch == "{" and prev == "\\"):
+            depth += 1
+        elif ch in ")]" or (ch == "}" and prev == "\\"):
+            depth -= 1
+        elif (ch == "," and depth <= 0 and prev.isascii() and prev.isdigit()
+              and re.fullmatch(r"\d{3}", s[i + 1:i + 4]) and not s[i + 4:i + 5].isdigit()):
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+def _squash(s: str) -> str:
+    """Remove all whitespace, for exact comparison."""
+    return "".join(s.split())
+
+
+def _as_number(s: str) -> Fraction | None:
+    """Parse "12", "-0.5" or "3/4" exactly; None for anything else."""
+    parts = s.split("/")
+    if len(parts) > 2 or not all(_NUMBER_RE.fullmatch(p) for p in parts):
+        return None
+    den = Fraction(parts[1]) if len(parts) == 2 else Fraction(1)
+    return Fraction(parts[0]) / den if den else None
+
+
+def _close(a: Fraction, b: Fraction) -> bool:
+    """Exact rational comparison with a relative tolerance."""
+    return abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
+
+
+# 2c. a restricted parser that builds sympy objects (never eval)
+
+def _tokenize(s: str) -> list[str] | None:
+    """Split into numbers, single letters, known commands and operators; None if unknown."""
+    tokens, pos, s = [], 0, s.rstrip()
+    while pos < len(s):
+        m = _TOKEN_RE.match(s, pos)
+        if not m:
+            return None
+        tok, pos = m.group(1), m.end()
+        if tok[0] == "\\":
+            if tok not in _COMMANDS:
+                return None
+            tokens.append("*" if tok in ("\\cdot", "\\times") else tok)
+        elif tok[0].isalpha():
+            if len(tok) > 2:
+                return None  # a word, not maths: "yes" must not equal "sey"
+            tokens.extend(tok)  # "xy" is x*y
+        else:
+            tokens.append(tok)
+    return tokens
+
+
+def _parse(text: str) -> Value | None:
+    """Parse restricted LaTeX/plain maths into a sympy value; None if unsupported or unsafe."""
+    tokens = _tokenize(text)
+    if not tokens:
+        return None
+    pos = 0
+
+    def peek() -> str:
+        return tokens[pos] if pos < len(tokens) else ""
+
+    def take(expected: str = "") -> str:
+        nonlocal pos
+        if pos >= len(tokens) or (expected and tokens[pos] != expected):
+            raise _ParseError(f"expected {expected or 'more input'}")
+        pos += 1
+        return tokens[pos - 1]
+
+    def items(depth: int) -> list[Value]:  # expr ("," expr)*
+        out = [expr(depth)]
+        while peek() == ",":
+            take()
+            out.append(expr(depth))
+        if len(out) > _MAX_ITEMS:
+            raise _ParseError("too many items")
+        return out
+
+    def expr(depth: int) -> Value:  # term (("+" | "-") term)*
+        left = term(depth)
+        while peek() in ("+", "-"):
+            op = take()
+            left = _binary(left, term(depth), op)
+        return left
+
+    def term(depth: int) -> Value:  # unary (("*" | "/") unary | implicit power)*
+        left = unary(depth)
+        while tok := peek():
+            if tok in ("*", "/"):
+                take()
+                left = _binary(left, unary(depth), tok)
+            elif tok[0].isalpha() or tok in ("\\frac", "\\sqrt", "\\pi", "(", "{"):
+                left = _binary(left, power(depth), "*")  # 2x, 2\pi, 3\sqrt{2}, x(x+1)
+            else:
+                break
+        return left
+
+    def unary(depth: int) -> Value:  # ("-" | "+") unary | power
+        if depth > _MAX_DEPTH:
+            raise _ParseError("too deeply nested")
+        if peek() in ("-", "+"):
+            sign, value = take(), _scalar(unary(depth + 1))
+            return -value if sign == "-" else value
+        return power(depth)
+
+    def power(depth: int) -> Value:  # atom ("^" unary)?: right-associative
+        base = atom(depth)
+        if peek() != "^":
+            return base
+        take()
+        return _power(base, unary(depth + 1))
+
+    def atom(depth: int) -> Value:
+        if depth > _MAX_DEPTH:
+            raise _ParseError("too deeply nested")
+        tok = take()
+        if tok[0].isdigit() or tok[0] == ".":
+            f = Fraction(tok)  # exact: "0.5" is 1/2
+            return sympy.Rational(f.numerator, f.denominator)
+        if tok[0].isalpha():
+            return sympy.Symbol(tok)
+        if tok == "\\pi":
+            return sympy.pi
+        if tok in _OPENERS:
+            values = items(depth + 1)
+            take(_OPENERS[tok])
+            if len(values) == 1 and tok != "\\{":
+                return values[0]  # plain grouping
+            return (_KINDS[tok], tuple(values))
+        if tok == "\\frac":
+            numerator = arg(depth + 1)
+            return _binary(numerator, arg(depth + 1), "/")
+        if tok == "\\sqrt":
+            index: Value = sympy.Integer(2)
+            if peek() == "[":
+                take()
+                index = expr(depth + 1)
+                take("]")
+            if not (isinstance(index, sympy.Integer) and 2 <= index <= _MAX_ROOT):
+                raise _ParseError("bad root index")
+            return _power(arg(depth + 1), sympy.Rational(1, int(index)))
+        raise _ParseError(f"unexpected {tok}")
+
+    def arg(depth: int) -> Value:  # {...}, or a single digit or letter as in \frac12
+        tok = peek()
+        if tok[:1].isdigit() and len(tok) > 1:
+            tokens[pos] = tok[1:]  # leave the other digits for the next argument
+            return sympy.Integer(int(tok[0]))
+        return atom(depth)
+
+    try:
+        values = items(0)
+        if pos != len(tokens):
+            return None
+        value: Value = values[0] if len(values) == 1 else ("{}", tuple(values))  # bare list: a set
+        return value if _finite(value) else None
+    except (_ParseError, RecursionError, ZeroDivisionError, ValueError):
+        return None
+
+
+def _scalar(v: Value) -> sympy.Expr:
+    """The value as an expression; tuples and sets cannot take part in arithmetic."""
+    if isinstance(v, sympy.Expr):
+        return v
+    raise _ParseError("arithmetic on a collection")
+
+
+def _binary(a: Value, b: Value, op: str) -> sympy.Expr:
+    """a op b, after checking the result stays small enough to evaluate cheaply."""
+    a, b = _scalar(a), _scalar(b)
+    (a_bits, a_roots), (b_bits, b_roots) = _size(a), _size(b)
+    # Sums of bounds bound the result; products of roots are merged by sympy,
+    # so the radicand budget is shared by the whole expression.
+    if a_bits + b_bits > _MAX_BITS or a_roots + b_roots > _MAX_ROOT_BITS:
+        raise _ParseError("too large")
+    return _OPS[op](a, b)
+
+
+def _power(base: Value, exponent: Value) -> sympy.Expr:
+    """base ** exponent for rational exponents only, refusing astronomically large results."""
+    base, exponent = _scalar(base), _scalar(exponent)
+    if not exponent.is_Rational:
+        raise _ParseError("only numeric rational exponents")
+    p, q = abs(int(exponent.p)), int(exponent.q)
+    if p > _MAX_EXPONENT or q > _MAX_ROOT:
+        raise _ParseError("exponent out of range")
+    bits, roots = _pow_size(_size(base), p, q)
+    if bits > _MAX_BITS or roots > _MAX_ROOT_BITS:
+        raise _ParseError("too large")  # checked before sympy evaluates: 9^9^9 stops here
+    return sympy.Pow(base, exponent)
+
+
+def _pow_size(base_size: tuple[int, int], p: int, q: int) -> tuple[int, int]:
+    """Size bound of base^(p/q): bits grow with p; a root makes the whole base a radicand."""
+    bits, roots = base_size
+    return bits * max(p, 1), roots * max(p, 1) + (bits if q > 1 else 0)
+
+
+def _size(e: sympy.Expr) -> tuple[int, int]:
+    """Upper bounds (bits of the value, bits of all radicands) at any sample point."""
+    if e.is_Rational:
+        return int(e.p).bit_length() + int(e.q).bit_length(), 0
+    if e.is_Symbol:
+        return _SYMBOL_BITS, 0
+    if e.is_Atom:
+        return 2, 0  # pi, I
+    if e.is_Pow and e.exp.is_Rational:
+        return _pow_size(_size(e.base), abs(int(e.exp.p)), int(e.exp.q))
+    if e.is_Add or e.is_Mul:
+        sizes = [_size(a) for a in e.args]
+        return sum(s[0] for s in sizes) + 1, sum(s[1] for s in sizes)
+    return _MAX_BITS + 1, _MAX_ROOT_BITS + 1  # anything else is refused
+
+
+def _finite(v: Value) -> bool:
+    """False if the value contains an infinity or NaN (e.g. from 0^-1 after evaluation)."""
+    if isinstance(v, tuple):
+        return all(_finite(item) for item in v[1])
+    return not v.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
+
+
+# 2d. equality
+
+def _values_equal(a: Value, b: Value) -> bool:
+    """Tuples element-wise in order, sets in any order, expressions symbolically."""
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        if not (isinstance(a, tuple) and isinstance(b, tuple)) or a[0] != b[0] or len(a[1]) != len(b[1]):
+            return False
+        if a[0] != "{}":
+            return all(_values_equal(x, y) for x, y in zip(a[1], b[1]))
+        unused = list(b[1])
+        for x in a[1]:  # greedy matching is enough for answer lists
+            hit = next((i for i, y in enumerate(unused) if _values_equal(x, y)), None)
+            if hit is None:
+                return False
+            unused.pop(hit)
+        return True
+    return _exprs_equal(a, b)
+
+
+def _exprs_equal(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """Equal if structurally equal, or equal at three rational sample points.
+
+    Evaluating at points replaces simplify()/expand(), whose cost is unbounded;
+    the size bounds above keep every evaluation cheap.
+    """
+    if a == b:
+        return True
+    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+    if not symbols:
+        return _numbers_close(a, b)
+    if len(symbols) > _MAX_SYMBOLS:
+        return False
+    checked = 0
+    for k in range(3):
+        point = {s: _SAMPLES[k + 3 * i] for i, s in enumerate(symbols)}  # distinct values
+        va, vb = a.xreplace(point), b.xreplace(point)
+        if not (_finite(va) and _finite(vb)):
+            continue  # the point is a pole, e.g. of 1/(17x-13) at x = 13/17
+        if not _numbers_close(va, vb):
+            return False
+        checked += 1
+    return checked >= 2
+
+
+def _numbers_close(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """Compare two constant expressions: exactly for rationals, else to 30 digits."""
+    if a.is_Rational and b.is_Rational:
+        return _close(Fraction(int(a.p), int(a.q)), Fraction(int(b.p), int(b.q)))
+    if not (a.is_number and b.is_number):
+        return False
+    da, db = sympy.N(a, 30), sympy.N(b, 30)
+    diff, scale = sympy.Abs(da - db), sympy.Max(sympy.Abs(da), sympy.Abs(db))
+    # Relative tolerance, plus an absolute floor for values that are 0 up to rounding.
+    return bool(diff <= scale * sympy.Rational(1, 10**6) or diff < sympy.Float("1e-20", 30))
+
+
+def score_summary(summary_text: str, truth: str, ended_in_eos: bool) -> float:
+    """SPEC 3: 1.0 if the answer is right AND exactly one `</think>` was seen, else 0.
+
+    Both summary prompts already hold exactly one `</think>` (the trace's own or
+    the inserted one), so a summary is well formatted iff it adds none. A trace
+    that ended in EOS instead of `</think>` scores 0 at every budget.
+    """
+    if ended_in_eos or THINK_END in summary_text:
+        return 0.0
+    return float(answers_match(extract_answer(ANSWER_HEADING + "\n" + summary_text), truth))
+
+
+# ----------------------------------------------------------------------------
+# 3. Budgets and the budget prior
+# ----------------------------------------------------------------------------
+
+def evenly_spaced_budgets(max_think: int, num_budgets: int) -> list[int]:
+    """b_s = max_think * (s+1) / S, s = 0..S-1 (rounded to whole tokens)."""
+    if max_think < 1 or num_budgets < 1 or num_budgets > max_think:
+        raise ValueError(f"need 1 <= num_budgets <= max_think, got {num_budgets}, {max_think}")
+    return [round(max_think * (s + 1) / num_budgets) for s in range(num_budgets)]
+
+
+def check_budgets(budgets) -> list[int]:
+    """Budgets must be positive integers, strictly increasing."""
+    budgets = list(budgets)
+    if not budgets:
+        raise ValueError("budgets must not be empty")
+    if any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in budgets):
+        raise ValueError(f"budgets must be positive integers, got {budgets}")
+    if any(b2 <= b1 for b1, b2 in zip(budgets, budgets[1:])):
+        raise ValueError(f"budgets must be strictly increasing (sorted, no duplicates), got {budgets}")
+    return budgets
+
+
+PRIORS = ("uniform", "linear", "base")
+
+
+def budget_prior(kind: str, budgets) -> torch.Tensor:
+    """p_B over the S budgets (SPEC 1). It weights rewards; budgets are never sampled.
+
+    uniform: p_s = 1/S;  linear: p_s = b_s / sum(b);  base: all mass on the last budget.
+    """
+    budgets = check_budgets(budgets)
+    b = torch.tensor(budgets, dtype=torch.float32)  # S
+    if kind == "uniform":
+        p = torch.ones_like(b)
+    elif kind == "linear":
+        p = b.clone()
+    elif kind == "base":
+        p = torch.zeros_like(b)
+        p[-1] = 1.0
+    else:
+        raise ValueError(f"unknown prior {kind!r}; choose one of {', '.join(PRIORS)}")
+    return p / p.sum()
+
+
+# ----------------------------------------------------------------------------
+# 4. Rollout: think once, cut at every budget, summarise after every cut
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """Everything one rollout produced; the loss and the evaluation read this."""
+    budgets: list[int]                   # S
+    prompt_ids: list[list[int]]          # B token lists (no padding)
+    think_ids: list[list[list[int]]]     # B x G thinking tokens, incl. the closing </think> or EOS
+    closed: torch.Tensor                 # B,G bool: thinking ended with </think>
+    ended_eos: torch.Tensor              # B,G bool: thinking ended with EOS
+    cuts: torch.Tensor                   # B,G,S long: thinking tokens the summary at budget s sees
+    truncated: torch.Tensor              # B,G,S bool: the summary prompt got the "..." insert
+    prompt_index: torch.Tensor           # B,G,S long: budget whose summary prompt s shares (pooling)
+    summary_ids: list = field(default_factory=list)   # B x G x S x A token lists
+    summary_text: list = field(default_factory=list)  # B x G x S x A strings
+
+    @property
+    def think_len(self) -> torch.Tensor:  # B,G
+        return torch.tensor([[len(t) for t in row] for row in self.think_ids])
+
+
+def _first_stop(tokens: list[int], eos: set[int], think_end: list[int]) -> tuple[int, str]:
+    """Length up to and including the first stop, and why it stopped ('think', 'eos', 'max')."""
+    k = len(think_end)
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return i + 1, "eos"
+        if k and t == think_end[-1] and i + 1 >= k and tokens[i + 1 - k:i + 1] == think_end:
+            return i + 1, "think"
+    return len(tokens), "max"
+
+
+class _SuffixStop:
+    """Stops a row once its ids end with a multi-token `</think>` (transformers StoppingCriteria)."""
+    def __init__(self, suffix: list[int]):
+        self.suffix = torch.tensor(suffix)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        k = len(self.suffix)
+        if input_ids.shape[1] < k:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        return (input_ids[:, -k:] == self.suffix.to(input_ids.device)).all(-1)
+
+
+class _BoxedStop:
+    """Stops a summary row as soon as a `\\boxed{...}` in it is closed, and remembers
+    where (`stop_len`), so the padding generate() appends afterwards is never kept."""
+    def __init__(self, tokenizer, prompt_len: int, rows: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+        self.stop_len = [None] * rows
+
+    def __call__(self, input_ids, scores, **kwargs):
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:])
+        done = [_boxed_closed(t) for t in texts]
+        for r, d in enumerate(done):
+            if d and self.stop_len[r] is None:
+                self.stop_len[r] = input_ids.shape[1] - self.prompt_len
+        return torch.tensor(done, device=input_ids.device)
+
+
+def _boxed_closed(text: str) -> bool:
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return False
+    depth = 0
+    for ch in text[i + 6:]:
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            return True
+    return False
+
+
+@torch.no_grad()
+def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
+             batch_size: int, think_end: list[int] | None = None, stop_at_box: bool = False,
+             progress=None) -> list[list[int]]:
+    """Sample a continuation of every sequence with HF `generate`, `batch_size` rows at a time.
+
+    Rows are sorted by length (less padding), left-padded, and stop at EOS, at
+    `think_end` if given, or after `max_new_tokens`. Returns the new tokens of
+    each row, cut after its first stop token, in the input order.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = stop_ids(tokenizer)
+    eos_for_gen = eos + (think_end if think_end and len(think_end) == 1 else [])
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out: list[list[int]] = [[] for _ in seqs]
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(seqs[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):  # left padding: generation continues at the right edge
+            ids[r, width - len(seqs[i]):] = torch.tensor(seqs[i])
+            mask[r, width - len(seqs[i]):] = 1
+        criteria = []
+        if think_end and len(think_end) > 1:
+            criteria.append(_SuffixStop(think_end))
+        box = _BoxedStop(tokenizer, width, len(rows)) if stop_at_box else None
+        if box:
+            criteria.append(box)
+        # Plain sampling from softmax(logits / T), as the loss assumes: a fresh config, so a
+        # checkpoint's own defaults (Qwen2.5: top_k 20, top_p 0.8, repetition_penalty 1.05) are off.
+        config = GenerationConfig(
+            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+            top_k=0 if temperature > 0 else None, top_p=1.0 if temperature > 0 else None,
+            repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_for_gen,
+            pad_token_id=pad)
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+            stopping_criteria=criteria or None)
+        for r, i in enumerate(rows):
+            new = gen[r, width:].tolist()
+            n, _ = _first_stop(new, set(eos), think_end or [])
+            if box and box.stop_len[r] is not None:
+                n = min(n, box.stop_len[r])
+            out[i] = new[:n]
+        if progress is not None:
+            progress(len(rows))
+    return out
+
+
+def summary_prompts(think: list[int], budgets: list[int], think_end: list[int],
+                    eos: set[int]) -> tuple[list[int], list[bool], list[int]]:
+    """SPEC 2, for one trace: (cuts[S], truncated[S], prompt_index[S]).
+
+    A trace that closed with `</think>` within b_s is shown whole, with no
+    ellipsis; otherwise it is cut at b_s and gets the "..." insert. Budgets
+    whose prompts come out identical point (prompt_index) at the first of them.
+    """
+    n, why = _first_stop(think, eos, think_end)
+    length = n - 1 if why == "eos" else n  # an EOS is never shown to the summary
+    cuts, truncated, index = [], [], []
+    for s, b in enumerate(budgets):
+        whole = why == "think" and n <= b
+        cuts.append(n if whole else min(b, length))
+        truncated.append(not whole)
+        same = [k for k in range(s) if cuts[k] == cuts[s] and truncated[k] == truncated[s]]
+        index.append(same[0] if same else s)
+    return cuts, truncated, index
+
+
+def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces: int,
+            num_summaries: int, temperature: float = 1.0, summary_max_tokens: int = 64,
+            think_batch_size: int = 64, summary_batch_size: int = 256, stop_at_box: bool = True,
+            progress=None) -> Rollout:
+    """SPEC 2: G traces per prompt up to the last budget, then A summaries per (trace, budget).
+
+    `progress(n)` is called with the number of rows finished, if given.
+    """
+    budgets = check_budgets(budgets)
+    B, G, S, A = len(prompts), num_traces, len(budgets), num_summaries
+    think_end, eos = encode(tokenizer, THINK_END), set(stop_ids(tokenizer))
+    prompt_ids = [encode(tokenizer, p) for p in prompts]
+
+    # 1. thinking: B*G rows, at most b_{S-1} new tokens
+    flat = generate(model, tokenizer, [p for p in prompt_ids for _ in range(G)], budgets[-1],
+                    temperature, think_batch_size, think_end=think_end, progress=progress)
+    think_ids = [flat[b * G:(b + 1) * G] for b in range(B)]
+
+    # 2. one summary prompt per distinct (trace, cut, insert)
+    cuts = torch.zeros(B, G, S, dtype=torch.long)
+    truncated = torch.zeros(B, G, S, dtype=torch.bool)
+    prompt_index = torch.zeros(B, G, S, dtype=torch.long)
+    closed = torch.zeros(B, G, dtype=torch.bool)
+    ended_eos = torch.zeros(B, G, dtype=torch.bool)
+    inserts = {True: encode(tokenizer, TRUNCATED_INSERT), False: encode(tokenizer, CLOSED_INSERT)}
+    jobs = []  # (b, g, budgets sharing the prompt, token ids)
+    for b in range(B):
+        for g in range(G):
+            think = think_ids[b][g]
+            _, why = _first_stop(think, eos, think_end)
+            closed[b, g], ended_eos[b, g] = why == "think", why == "eos"
+            c, t, idx = summary_prompts(think, budgets, think_end, eos)
+            cuts[b, g], truncated[b, g], prompt_index[b, g] = torch.tensor(c), torch.tensor(t), torch.tensor(idx)
+            for s in sorted(set(idx)):
+                shared = [k for k in range(S) if idx[k] == s]
+                jobs.append((b, g, shared, prompt_ids[b] + think[:c[s]] + inserts[t[s]]))
+
+    # 3. A summaries per budget; a prompt shared by k budgets is sampled k*A times, once
+    rows = [ids for (_, _, shared, ids) in jobs for _ in range(len(shared) * A)]
+    sampled = generate(model, tokenizer, rows, summary_max_tokens, temperature,
+                       summary_batch_size, stop_at_box=stop_at_box, progress=progress)
+    summary_ids = [[[[None] * A for _ in range(S)] for _ in range(G)] for _ in range(B)]
+    summary_text = [[[[None] * A for _ in range(S)] for _ in range(G)] for _ in range(B)]
+    it = iter(sampled)
+    for b, g, shared, _ in jobs:
+        for s in shared:
+            for a in range(A):
+                ids = next(it)
+                summary_ids[b][g][s][a] = ids
+                text_ids = [t for t in ids if t not in eos]
+                summary_text[b][g][s][a] = tokenizer.decode(text_ids, skip_special_tokens=False)
+    return Rollout(budgets, prompt_ids, think_ids, closed, ended_eos, cuts, truncated,
+                   prompt_index, summary_ids, summary_text)
+
+
+# ----------------------------------------------------------------------------
+# 5. Rewards
+# ----------------------------------------------------------------------------
+
+def score_rollout(ro: Rollout, truths: list[str]) -> torch.Tensor:
+    """Score of every summary, Tensor[B, G, S, A] of 0/1 (SPEC 3)."""
+    return torch.tensor([[[[score_summary(text, truths[b], bool(ro.ended_eos[b, g]))
+                            for text in per_budget] for per_budget in per_trace]
+                          for g, per_trace in enumerate(per_question)]
+                         for b, per_question in enumerate(ro.summary_text)])
+
+
+def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    """r[b,g,s]: mean score of the summaries at budget s, pooled over budgets sharing a prompt.
+
+    scores: B,G,S,A.  prompt_index: B,G,S (budget whose prompt s uses) or None.
+    """
+    if prompt_index is None:
+        return scores.mean(-1)
+    A = scores.shape[-1]
+    sums = torch.zeros(scores.shape[:-1], dtype=scores.dtype).scatter_add_(
+        -1, prompt_index, scores.sum(-1))                                   # B,G,S
+    counts = torch.zeros_like(sums).scatter_add_(
+        -1, prompt_index, torch.full_like(sums, float(A)))                  # B,G,S
+    return (sums / counts.clamp(min=1)).gather(-1, prompt_index)
+
+
+# ----------------------------------------------------------------------------
+# 6. Advantages (SPEC 4 and 5)
+# ----------------------------------------------------------------------------
+
+def returns_to_go(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """R[g,s] = sum_{k>=s} p_k r[g,k].   scores: B,G,S;  prior: S  ->  B,G,S"""
+    return (scores * prior).flip(-1).cumsum(-1).flip(-1)
+
+
+def v2_baseline(returns: torch.Tensor) -> torch.Tensor:
+    """V2[g,s] = mean over the G traces of R[.,s] (trace itself included); 0 when G = 1."""
+    if returns.shape[1] == 1:
+        return torch.zeros_like(returns)
+    return returns.mean(1, keepdim=True).expand_as(returns)
+
+
+def v1_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """V1[g,s] = prev[g,s] * sum_{k>=s} p_k, prev = sum_{k<s} 2^k r[g,k] / sum_{k<s} 2^k; V1[g,0] = 0.
+
+    scores: B,G,S;  prior: S  ->  B,G,S.  The trace's own answers so far, later ones weighted more.
+    """
+    S = scores.shape[-1]
+    w = 2.0 ** torch.arange(S, dtype=scores.dtype)                 # S
+    num = (scores * w).cumsum(-1) - scores * w                     # sum over k < s (exclusive)
+    den = w.cumsum(-1) - w                                         # 0 at s = 0
+    prev = num / den.clamp(min=1.0)                                # prev[.., 0] = 0 / 1 = 0
+    tail = prior.flip(-1).cumsum(-1).flip(-1)                      # sum_{k>=s} p_k, S
+    return prev * tail
+
+
+THINKING_METHODS = ("brpo", "grpo", "v1", "none")
+
+
+def thinking_advantages(scores: torch.Tensor, prior: torch.Tensor, method: str = "brpo",
+                        normalize_std: bool = False) -> torch.Tensor:
+    """A[g,s] = R[g,s] - baseline[g,s]: the advantage of thinking segment (b_{s-1}, b_s].
+
+    scores: B,G,S (mean summary score of trace g at budget s);  prior: S  ->  B,G,S
+    baseline: brpo (s*V1 + (S-s)*V2)/S | grpo V2 | v1 V1 | none 0.
+    No division by a standard deviation unless normalize_std (off, as the authors).
+    """
+    S = scores.shape[-1]
+    R = returns_to_go(scores, prior)
+    if method == "brpo":
+        s = torch.arange(S, dtype=scores.dtype)
+        baseline = (s * v1_baseline(scores, prior) + (S - s) * v2_baseline(R)) / S
+    elif method == "grpo":
+        baseline = v2_baseline(R)
+    elif method == "v1":
+        baseline = v1_baseline(scores, prior)
+    elif method == "none":
+        baseline = torch.zeros_like(R)
+    else:
+        raise ValueError(f"unknown thinking method {method!r}; choose one of {THINKING_METHODS}")
+    adv = R - baseline
+    if normalize_std:
+        adv = adv / (R.std(1, keepdim=True, unbiased=False) + 1e-6)
+    return adv
+
+
+SUMMARY_METHODS = ("brpo", "grpo")
+
+
+def summary_advantages(scores: torch.Tensor, method: str = "brpo",
+                       prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Advantage of every summary (SPEC 5).   scores: B,G,S,A  ->  B,G,S,A
+
+    A > 1: baseline = mean of the sibling summaries of the same prompt (pooled
+    over budgets that share the prompt when prompt_index, B,G,S, is given).
+    A == 1: baseline = mean over the G traces of the score at that budget.
+    brpo (decoupled): every budget's summaries learn, unweighted by the prior.
+    grpo: only the last budget's summaries get an advantage.
+    """
+    if method not in SUMMARY_METHODS:
+        raise ValueError(f"unknown summary method {method!r}; choose one of {SUMMARY_METHODS}")
+    A = scores.shape[-1]
+    r = pooled_scores(scores, prompt_index)                              # B,G,S
+    baseline = r if A > 1 else r.mean(1, keepdim=True)                   # B,G,S or B,1,S
+    adv = scores - baseline.unsqueeze(-1)
+    if method == "grpo":
+        adv = adv * (torch.arange(scores.shape[2]) == scores.shape[2] - 1).to(adv.dtype)[:, None]
+    return adv
+
+
+# ----------------------------------------------------------------------------
+# 7. Packed sequences and their log-probs (SPEC 6)
+# ----------------------------------------------------------------------------
+#
+# One row per trace: [prompt][thinking][insert_1 summary_1][insert_2 summary_2]...
+# Each summary block sees the prompt, the thinking up to its cut, and itself
+# causally; nothing of the other blocks. Here the prompt is P, the thinking
+# t1..t4, block 1 is cut after t2 (i1 s1), block 2 after t4 (i2 s2):
+#
+#              keys ->  P  t1 t2 t3 t4 i1 s1 i2 s2
+#   queries  P          x
+#            t1         x  x
+#            t2         x  x  x
+#            t3         x  x  x  x
+#            t4         x  x  x  x  x
+#            i1         x  x  x  .  .  x            <- block 1: prefix P t1 t2,
+#            s1         x  x  x  .  .  x  x            then itself
+#            i2         x  x  x  x  x  .  .  x      <- block 2: prefix P..t4
+#            s2         x  x  x  x  x  .  .  x  x
+#
+# Row i may attend to key j iff  j < prefix_len[i]  or  block_start[i] <= j <= i.
+# Trunk rows: prefix_len = i+1 (plain causal).  Block rows: prefix_len = P + cut.
+# Position ids of a block continue from its cut: P + cut, P + cut + 1, ...
+# Trainable tokens (thinking, summaries) are predicted by the logits one
+# position to their left, which is always in the same branch of the tree.
+
+@dataclass
+class Packed:
+    """Packed rows, right-padded to a common T. Token i is trained iff adv_index[n, i] >= 0."""
+    input_ids: torch.Tensor     # N,T
+    position_ids: torch.Tensor  # N,T
+    prefix_len: torch.Tensor    # N,T
+    block_start: torch.Tensor   # N,T
+    adv_index: torch.Tensor     # N,T: index into [thinking_adv (S) | summary_adv (S*A)], -1 = not trained
+
+
+def pack_trace(prompt: list[int], think: list[int], budgets: list[int], cuts: list[int],
+               inserts: list[list[int]], summaries: list[list[list[int]]]) -> dict:
+    """One trace as a packed row (lists). inserts: S token lists; summaries: S x A token lists."""
+    S, A = len(budgets), len(summaries[0])
+    P, L = len(prompt), len(think)
+    ids, pos = prompt + think, list(range(P + L))
+    prefix, start = list(range(1, P + L + 1)), list(range(1, P + L + 1))
+    # thinking token t lies in segment s iff b_{s-1} <= t < b_s (1-based: (b_{s-1}, b_s])
+    adv = [-1] * P + [bisect.bisect_right(budgets, t) for t in range(L)]
+    for s in range(S):
+        for a in range(A):
+            block = inserts[s] + summaries[s][a]
+            begin = len(ids)
+            ids += block
+            pos += range(P + cuts[s], P + cuts[s] + len(block))
+            prefix += [P + cuts[s]] * len(block)
+            start += [begin] * len(block)
+            adv += [-1] * len(inserts[s]) + [S + s * A + a] * len(summaries[s][a])
+    return dict(input_ids=ids, position_ids=pos, prefix_len=prefix, block_start=start, adv_index=adv)
+
+
+def pack_rollout(ro: Rollout, tokenizer, traces: list[tuple[int, int]] | None = None) -> Packed:
+    """Pack the given (b, g) traces (all by default) into one right-padded batch."""
+    inserts = {True: encode(tokenizer, TRUNCATED_INSERT), False: encode(tokenizer, CLOSED_INSERT)}
+    B, G = len(ro.think_ids), len(ro.think_ids[0])
+    traces = traces if traces is not None else [(b, g) for b in range(B) for g in range(G)]
+    rows = [pack_trace(ro.prompt_ids[b], ro.think_ids[b][g], ro.budgets, ro.cuts[b, g].tolist(),
+                       [inserts[bool(t)] for t in ro.truncated[b, g]], ro.summary_ids[b][g])
+            for b, g in traces]
+    T = max(len(r["input_ids"]) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def stack(key, fill):
+        out = torch.full((len(rows), T), fill, dtype=torch.long)
+        for n, r in enumerate(rows):
+            out[n, :len(r[key])] = torch.tensor(r[key])
+        return out
+
+    prefix_len, block_start = stack("prefix_len", 0), stack("block_start", 0)
+    # padding rows attend to themselves only (a fully masked row would give NaN)
+    is_pad = torch.arange(T) >= torch.tensor([len(r["input_ids"]) for r in rows])[:, None]
+    block_start = torch.where(is_pad, torch.arange(T).expand(len(rows), T), block_start)
+    return Packed(stack("input_ids", pad), stack("position_ids", 0), prefix_len, block_start,
+                  stack("adv_index", -1))
+
+
+def packed_attention_mask(prefix_len: torch.Tensor, block_start: torch.Tensor,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive 4-D mask N,1,T,T (0 = attend, dtype min = blocked); works with eager and sdpa."""
+    T = prefix_len.shape[-1]
+    j = torch.arange(T, device=prefix_len.device)                    # key index
+    i = j[:, None]                                                   # query index
+    allowed = (j < prefix_len[..., None]) | ((j >= block_start[..., None]) & (j <= i))  # N,T,T
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=prefix_len.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _chunk_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden).float()                                 # C,V (only C rows at a time)
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, trained: torch.Tensor,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """log pi(token i | its branch) at every trained position, 0 elsewhere.  -> N,T
+
+    One forward of the base model gives hidden states H; the output layer and
+    log-softmax run on `chunk_size` trained positions at a time under
+    activation checkpointing, so no N x T x V float32 tensor ever exists.
+    """
+    base = getattr(model, model.base_model_prefix)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids, use_cache=False).last_hidden_state   # N,T,H
+    sel = trained[:, 1:]                                             # token i predicted at i-1
+    h = hidden[:, :-1][sel]                                          # M,H
+    tok = input_ids[:, 1:][sel]                                      # M
+    lm_head = model.get_output_embeddings()
+    parts = [checkpoint(_chunk_logprobs, lm_head, h[c:c + chunk_size], tok[c:c + chunk_size],
+                        use_reentrant=False) if torch.is_grad_enabled()
+             else _chunk_logprobs(lm_head, h[c:c + chunk_size], tok[c:c + chunk_size])
+             for c in range(0, h.shape[0], chunk_size)]
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:] = out[:, 1:].masked_scatter(sel, torch.cat(parts) if parts else h.new_zeros(0).float())
+    return out
+
+
+def packed_logprobs(model, packed: Packed, chunk_size: int = 1024,
+                    mask_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """token_logprobs for a Packed batch on the model's device.  -> N,T"""
+    device = next(model.parameters()).device
+    dtype = mask_dtype or next(model.parameters()).dtype
+    mask = packed_attention_mask(packed.prefix_len.to(device), packed.block_start.to(device), dtype)
+    return token_logprobs(model, packed.input_ids.to(device), packed.position_ids.to(device), mask,
+                          (packed.adv_index >= 0).to(device), chunk_size)
+
+
+def token_advantages(packed: Packed, thinking_adv: torch.Tensor,
+                     summary_adv: torch.Tensor) -> torch.Tensor:
+    """Per-token advantage: a thinking token gets its segment's A[g,s], a summary token its summary's.
+
+    thinking_adv: N,S;  summary_adv: N,S,A  ->  N,T (0 where not trained)
+    """
+    table = torch.cat([thinking_adv, summary_adv.flatten(1)], dim=1)        # N, S + S*A
+    idx = packed.adv_index
+    return table.gather(1, idx.clamp(min=0)) * (idx >= 0)
+
+
+# ----------------------------------------------------------------------------
+# 8. Loss (SPEC 6)
+# ----------------------------------------------------------------------------
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, normaliser: float, clip_eps: float = 0.2,
+                ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0):
+    """PPO-clip with token-level aggregation: sum over trained tokens / a constant normaliser.
+
+    logprobs, old_logprobs, advantages, mask: N,T.  Returns (loss, stats dict).
+    With one update per rollout, old_logprobs = logprobs.detach(): ratio is 1,
+    nothing is clipped, and the gradient is the REINFORCE one, -sum A grad log pi / normaliser.
+    """
+    mask = mask.to(logprobs.dtype)
+    logratio = logprobs - old_logprobs
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = (torch.max(pg_loss1, pg_loss2) * mask).sum() / normaliser
+    n = mask.sum().clamp(min=1)
+    stats = {
+        "clipfrac": (((ratio - 1).abs() > clip_eps).float() * mask).sum().item() / n.item(),
+        # k3 estimator of KL(old || new), http://joschu.net/blog/kl-approx.html
+        "approx_kl": (((ratio - 1) - logratio) * mask).sum().item() / n.item(),
+    }
+    if ref_logprobs is not None and kl_coef > 0:  # off by default: no reference model is loaded
+        d = ref_logprobs - logprobs
+        kl = d.exp() - d - 1
+        loss = loss + kl_coef * (kl * mask).sum() / normaliser
+        stats["ref_kl"] = (kl * mask).sum().item() / n.item()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------
+# 9. Evaluation and diagnostics (SPEC 8)
+# ----------------------------------------------------------------------------
+
+def anytime_accuracy(scores: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Accuracy at each budget, S; its mean over budgets is the anytime score.  scores: B,G,S,A"""
+    return pooled_scores(scores.float(), prompt_index).mean((0, 1))
+
+
+def evaluate(model, tokenizer, questions: list[str], truths: list[str], budgets: list[int],
+             temperature: float = 0.6, summary_max_tokens: int = 64, think_batch_size: int = 64,
+             summary_batch_size: int = 256, progress=None) -> dict:
+    """Anytime accuracy of one trace and one summary per question on a budget grid."""
+    prompts = [format_prompt(tokenizer, q) for q in questions]
+    ro = rollout(model, tokenizer, prompts, budgets, 1, 1, temperature, summary_max_tokens,
+                 think_batch_size, summary_batch_size, progress=progress)
+    acc = anytime_accuracy(score_rollout(ro, truths), ro.prompt_index)
+    return {"budgets": list(budgets), "accuracy": acc.tolist(), "anytime_score": acc.mean().item(),
+            "mean_think_len": ro.think_len.float().mean().item()}
+
+
+def _masked_var(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n = m.sum(0)
+    mean = (x * m).sum(0) / n
+    return (((x - mean) ** 2) * m).sum(0) / n
+
+
+def variance_diagnostics(scores: torch.Tensor, prior: torch.Tensor, think_len: torch.Tensor,
+                         budgets: list[int]) -> dict[str, torch.Tensor]:
+    """Var[R - V] / Var[R] and corr(V, R) per budget, for V = V1, V2, BRPO (each S).
+
+    scores: B,G,S;  think_len: B,G.  Only traces that reach segment s (longer
+    than b_{s-1}) count at budget s. NaN where a budget has < 2 such traces or Var[R] = 0.
+    """
+    S = scores.shape[-1]
+    R = returns_to_go(scores, prior)
+    v1, v2 = v1_baseline(scores, prior), v2_baseline(R)
+    s = torch.arange(S, dtype=scores.dtype)
+    values = {"v1": v1, "v2": v2, "brpo": (s * v1 + (S - s) * v2) / S}
+    starts = torch.tensor([0] + list(budgets[:-1]))
+    m = (think_len[..., None] > starts).reshape(-1, S).to(scores.dtype)  # N,S: trace reaches segment s
+    m = torch.where(m.sum(0) >= 2, m, torch.full_like(m, float("nan")))
+    Rf = R.reshape(-1, S)
+    var_r = _masked_var(Rf, m)
+    out = {}
+    for name, V in values.items():
+        Vf = V.reshape(-1, S)
+        out[f"var_ratio_{name}"] = _masked_var(Rf - Vf, m) / var_r
+        cov = (_masked_var(Rf + Vf, m) - var_r - _masked_var(Vf, m)) / 2
+        out[f"corr_{name}"] = cov / (var_r * _masked_var(Vf, m)).sqrt()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 10. The paper's runs (SPEC 7)
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preset:
+    num_summaries: int    # A, summaries per (trace, budget)
+    summary_method: str   # "brpo" (decoupled, all budgets) or "grpo" (last budget only)
+    num_budgets: int      # S
+    prior: str            # "uniform", "linear" or "base"
+    thinking_method: str  # "brpo", "grpo", "v1" or "none"
+
+
+PRESETS = {
+    "grpo":             Preset(1, "grpo", 1, "base",    "grpo"),
+    "ar-uniform":       Preset(4, "brpo", 4, "uniform", "brpo"),
+    "ar-linear":        Preset(4, "brpo", 4, "linear",  "brpo"),
+    "ar-base":          Preset(4, "brpo", 4, "base",    "brpo"),
+    "grpo+linear":      Preset(1, "grpo", 4, "linear",  "grpo"),
+    "grpo+decouple":    Preset(4, "brpo", 4, "base",    "grpo"),
+    "grpo+vr":          Preset(1, "grpo", 4, "base",    "brpo"),
+    "grpo+vr+decouple": Preset(4, "brpo", 4, "base",    "brpo"),
+}
+
+
+def rollout_advantages(ro: Rollout, scores: torch.Tensor, prior: torch.Tensor,
+                       thinking_method: str, summary_method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Glue: SPEC 4 and 5 on a scored rollout.  scores: B,G,S,A  ->  (N,S, N,S,A)"""
+    r = pooled_scores(scores, ro.prompt_index)                          # B,G,S
+    think_adv = thinking_advantages(r, prior, thinking_method)
+    summ_adv = summary_advantages(scores, summary_method, ro.prompt_index)
+    return think_adv.flatten(0, 1), summ_adv.flatten(0, 1)

@@ -1,0 +1,672 @@
+"""Tests for anytime_reasoner.py and train_small.py. Offline, CPU, a few minutes.
+
+    python -m pytest -q test_anytime_reasoner.py
+
+Formulas are checked against hand-worked cases and against plain-loop oracles
+written straight from SPEC.md; packed log-probs against separate unpacked
+forwards; the loss gradient against the REINFORCE form.
+"""
+import ast
+import builtins
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import anytime_reasoner as ar
+import train_small as ts
+from anytime_reasoner import answers_match, extract_answer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GSM8K = os.path.join(HERE, "..", "shared", "gsm8k")
+
+
+# ----------------------------------------------------------------------------
+# budgets and prior
+# ----------------------------------------------------------------------------
+
+def test_budget_priors():
+    b = [100, 200, 300, 400]
+    assert torch.allclose(ar.budget_prior("uniform", b), torch.full((4,), 0.25))
+    assert torch.allclose(ar.budget_prior("linear", b), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    assert torch.equal(ar.budget_prior("base", b), torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    assert ar.evenly_spaced_budgets(8000, 4) == [2000, 4000, 6000, 8000]
+    assert ar.evenly_spaced_budgets(512, 1) == [512]
+
+
+@pytest.mark.parametrize("kind, budgets", [
+    ("uniform", [200, 100]), ("uniform", [100, 100]), ("uniform", [0, 100]),
+    ("uniform", [-5, 100]), ("uniform", []), ("uniform", [1.5, 3]), ("cosine", [100, 200])])
+def test_budget_prior_rejects_bad_input(kind, budgets):
+    with pytest.raises(ValueError):
+        ar.budget_prior(kind, budgets)
+
+
+# ----------------------------------------------------------------------------
+# advantages: hand-worked cases and a loop oracle written from SPEC 4 and 5
+# ----------------------------------------------------------------------------
+
+def oracle_thinking_adv(r, p, method):
+    """SPEC 4 with plain loops over B, G, S."""
+    B, G, S = r.shape
+    out = torch.zeros(B, G, S, dtype=torch.float64)
+    for b in range(B):
+        R = [[sum(p[k] * r[b, g, k] for k in range(s, S)) for s in range(S)] for g in range(G)]
+        for g in range(G):
+            for s in range(S):
+                v2 = sum(R[h][s] for h in range(G)) / G if G > 1 else 0.0
+                if s == 0:
+                    v1 = 0.0
+                else:
+                    prev = sum(2 ** k * r[b, g, k] for k in range(s)) / sum(2 ** k for k in range(s))
+                    v1 = prev * sum(p[k] for k in range(s, S))
+                base = {"brpo": (s * v1 + (S - s) * v2) / S, "grpo": v2, "v1": v1, "none": 0.0}[method]
+                out[b, g, s] = R[g][s] - base
+    return out
+
+
+def test_thinking_advantages_hand_worked():
+    # two traces, two budgets, uniform prior: g0 right only early, g1 right only late
+    r = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    p = ar.budget_prior("uniform", [1, 2])
+    # R = [[.5, 0], [.5, .5]];  V2 = [.5, .25];  V1[.,1] = r[.,0] * .5 = [.5, 0]
+    expect = {"brpo": [[0.0, -0.375], [0.0, 0.375]], "grpo": [[0.0, -0.25], [0.0, 0.25]],
+              "v1": [[0.5, -0.5], [0.5, 0.5]], "none": [[0.5, 0.0], [0.5, 0.5]]}
+    for method, e in expect.items():
+        assert torch.allclose(ar.thinking_advantages(r, p, method), torch.tensor([e])), method
+
+
+def test_thinking_advantages_linear_prior_hand_worked():
+    # one question, G = 2, S = 4, linear prior (.1 .2 .3 .4)
+    r = torch.tensor([[[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]]])
+    p = ar.budget_prior("linear", [1, 2, 3, 4])
+    # R g0 = [.9, .9, .7, .4], g1 = [.4, .4, .4, .4];  V2 = [.65, .65, .55, .4]
+    # V1 g0: prev = [0, 0, 2/3, 6/7], tail = [1, .9, .7, .4] -> [0, 0, 14/30, 24/70]; V1 g1 = 0
+    # brpo s=2: (2 * 14/30 + 2 * .55) / 4 for g0
+    adv = ar.thinking_advantages(r, p, "brpo")[0]
+    assert adv[0, 0].item() == pytest.approx(0.9 - 0.65)
+    assert adv[0, 1].item() == pytest.approx(0.9 - (0 + 3 * 0.65) / 4)
+    assert adv[0, 2].item() == pytest.approx(0.7 - (2 * 14 / 30 + 2 * 0.55) / 4)
+    assert adv[0, 3].item() == pytest.approx(0.4 - (3 * 24 / 70 + 0.4) / 4)
+    assert adv[1, 3].item() == pytest.approx(0.4 - (0 + 0.4) / 4)
+
+
+@pytest.mark.parametrize("G, S", [(1, 1), (1, 4), (4, 1), (3, 4), (8, 6)])
+@pytest.mark.parametrize("prior", ["uniform", "linear", "base"])
+@pytest.mark.parametrize("method", ["brpo", "grpo", "v1", "none"])
+def test_thinking_advantages_match_loop_oracle(G, S, prior, method):
+    torch.manual_seed(G * 10 + S)
+    r = torch.randint(0, 5, (2, G, S)).double() / 4
+    p = ar.budget_prior(prior, list(range(1, S + 1))).double()
+    got = ar.thinking_advantages(r, p, method)
+    assert torch.allclose(got, oracle_thinking_adv(r, p, method), atol=1e-9)
+
+
+def test_thinking_advantages_g1_and_equal_rewards():
+    p = ar.budget_prior("uniform", [1, 2, 3])
+    r = torch.tensor([[[1.0, 0.0, 1.0]]])  # G = 1: V2 = 0, so GRPO's advantage is the return
+    assert torch.allclose(ar.thinking_advantages(r, p, "grpo"), ar.returns_to_go(r, p))
+    for value in (0.0, 1.0):  # everyone equal: nothing to learn, and no NaN
+        same = torch.full((2, 4, 3), value)
+        for method in ("brpo", "grpo"):
+            adv = ar.thinking_advantages(same, p, method)
+            assert torch.isfinite(adv).all() and torch.allclose(adv, torch.zeros_like(adv), atol=1e-7)
+
+
+def test_summary_advantages_hand_worked():
+    # B=1, G=2, S=2, A=2
+    scores = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [1.0, 0.0]]]])
+    adv = ar.summary_advantages(scores, "brpo")
+    expect = torch.tensor([[[[0.5, -0.5], [0.0, 0.0]], [[0.0, 0.0], [0.5, -0.5]]]])
+    assert torch.allclose(adv, expect)
+    adv = ar.summary_advantages(scores, "grpo")  # only the last budget learns
+    assert torch.allclose(adv, expect * torch.tensor([0.0, 1.0])[:, None])
+    # A = 1: baseline is the mean over the G traces at that budget
+    one = torch.tensor([[[[1.0], [0.0]], [[0.0], [0.0]], [[1.0], [1.0]]]])  # G=3, S=2
+    adv = ar.summary_advantages(one, "brpo")
+    assert torch.allclose(adv[0, :, 0, 0], torch.tensor([1 / 3, -2 / 3, 1 / 3]))
+    assert torch.allclose(adv[0, :, 1, 0], torch.tensor([-1 / 3, -1 / 3, 2 / 3]))
+
+
+def test_pooled_collapsed_budgets():
+    # one trace closed before budget 1: budgets 1 and 2 share a prompt, 2*A summaries pooled
+    scores = torch.tensor([[[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]]])   # B=G=1, S=3, A=2
+    index = torch.tensor([[[0, 1, 1]]])
+    assert torch.allclose(ar.pooled_scores(scores, index), torch.tensor([[[0.5, 0.75, 0.75]]]))
+    adv = ar.summary_advantages(scores, "brpo", index)
+    assert torch.allclose(adv[0, 0], torch.tensor([[0.5, -0.5], [0.25, 0.25], [-0.75, 0.25]]))
+
+
+# ----------------------------------------------------------------------------
+# summary prompts: truncation points, inserts, collapsed budgets
+# ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("think_end", [[99], [5, 6, 7]])
+def test_summary_prompts(think_end):
+    eos = {1}
+    budgets = [4, 8, 12, 16]
+    k = len(think_end)
+    closed = [10, 11, 12] + think_end                        # closes at token 3 + k
+    c, t, idx = ar.summary_prompts(closed, budgets, think_end, eos)
+    n = 3 + k
+    first_whole = next(s for s, b in enumerate(budgets) if b >= n)
+    assert c == [min(b, n) if s < first_whole else n for s, b in enumerate(budgets)]
+    assert t == [s < first_whole for s in range(4)]
+    assert idx == [s if s <= first_whole else first_whole for s in range(4)]
+    # still running at the last budget: cut at every budget, ellipsis everywhere, no pooling
+    running = [20] * 16
+    assert ar.summary_prompts(running, budgets, think_end, eos) == (budgets, [True] * 4, [0, 1, 2, 3])
+    # ended in EOS after 6 tokens: the EOS is never shown, later budgets pool
+    eos_ended = [20] * 5 + [1]
+    assert ar.summary_prompts(eos_ended, budgets, think_end, eos) == ([4, 5, 5, 5], [True] * 4, [0, 1, 1, 1])
+    # closing exactly on a budget counts as closed within it
+    exact = [20] * (8 - k) + think_end
+    assert ar.summary_prompts(exact, budgets, think_end, eos) == ([4, 8, 8, 8], [True, False, False, False], [0, 1, 1, 1])
+
+
+def test_pack_trace_layout_and_mask():
+    prompt, think = [7, 7], [10, 11, 12, 13]
+    inserts = [[50, 51], [52]]
+    summaries = [[[60]], [[61, 62]]]                     # S=2, A=1
+    row = ar.pack_trace(prompt, think, [2, 4], [2, 4], inserts, summaries)
+    assert row["input_ids"] == [7, 7, 10, 11, 12, 13, 50, 51, 60, 52, 61, 62]
+    assert row["position_ids"] == [0, 1, 2, 3, 4, 5, 4, 5, 6, 6, 7, 8]
+    # thinking tokens 0,1 in segment 0, 2,3 in segment 1; inserts untrained; summaries S + s*A + a
+    assert row["adv_index"] == [-1, -1, 0, 0, 1, 1, -1, -1, 2, -1, 3, 3]
+    pl, bs = torch.tensor([row["prefix_len"]]), torch.tensor([row["block_start"]])
+    allowed = ar.packed_attention_mask(pl, bs)[0, 0] == 0
+    # the summary of budget 0 (index 8) sees prompt + 2 thinking tokens + its insert + itself
+    assert allowed[8].nonzero().flatten().tolist() == [0, 1, 2, 3, 6, 7, 8]
+    assert allowed[11].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5, 9, 10, 11]
+    assert allowed[5].nonzero().flatten().tolist() == [0, 1, 2, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------
+# rollout on a tiny random model; packed log-probs against unpacked forwards
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=[True, False], ids=["think-1-token", "think-8-tokens"])
+def tiny(request):
+    tok = ts.tiny_tokenizer(think_end_special=request.param)
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=0).eval()
+    torch.manual_seed(0)
+    prompts = ["a>d\n<think>\n", "what is 2+3?\n<think>\n"]
+    ro = ar.rollout(model, tok, prompts, [6, 12, 18], num_traces=3, num_summaries=2,
+                    summary_max_tokens=8, think_batch_size=4, summary_batch_size=16)
+    return tok, model, ro
+
+
+def test_think_end_tokenisation(tiny):
+    tok, _, _ = tiny
+    n = len(ar.encode(tok, ar.THINK_END))
+    assert n == (1 if "</think>" in tok.all_special_tokens else 8)
+
+
+def test_rollout_structure(tiny):
+    tok, _, ro = tiny
+    B, G, S, A = 2, 3, 3, 2
+    think_end, eos = ar.encode(tok, ar.THINK_END), set(ar.stop_ids(tok))
+    assert ro.cuts.shape == ro.truncated.shape == ro.prompt_index.shape == (B, G, S)
+    for b in range(B):
+        for g in range(G):
+            think = ro.think_ids[b][g]
+            assert 1 <= len(think) <= 18
+            c, t, idx = ar.summary_prompts(think, ro.budgets, think_end, eos)
+            assert ro.cuts[b, g].tolist() == c and ro.truncated[b, g].tolist() == t
+            assert ro.prompt_index[b, g].tolist() == idx
+            for s in range(S):
+                assert ro.cuts[b, g, s] <= ro.budgets[s]
+                assert len(ro.summary_ids[b][g][s]) == A
+                for ids in ro.summary_ids[b][g][s]:
+                    assert 1 <= len(ids) <= 8
+                    # a summary stops right after its box closes: no padding is kept
+                    if ar._boxed_closed(tok.decode(ids)):
+                        assert not ar._boxed_closed(tok.decode(ids[:-1]))
+
+
+def test_rollout_closes_on_think_end_and_pools():
+    """A scripted model thinks "12345</think>" (13 tokens, </think> as 8 characters) and then
+    answers with EOS: budgets past the close share one prompt with no ellipsis."""
+    tok = ts.tiny_tokenizer(think_end_special=False)
+    model = ts.tiny_model(tok, hidden=32, layers=1).eval()
+    prompt = "q\n<think>\n"
+    P, script = len(ar.encode(tok, prompt)), ar.encode(tok, "12345" + ar.THINK_END)
+    state = {}
+
+    def remember_length(module, args, kwargs):   # tokens so far, from the position ids
+        state["len"] = kwargs["position_ids"][:, -1] + 1
+
+    def follow_script(module, args, logits):     # overwrite the output layer's logits
+        forced = torch.full_like(logits, -30.0)
+        for r, n in enumerate(state["len"].tolist()):
+            pos = n - P                          # thinking tokens so far
+            forced[r, -1, script[pos] if 0 <= pos < len(script) else tok.eos_token_id] = 30.0
+        return forced
+    hooks = [model.register_forward_pre_hook(remember_length, with_kwargs=True),
+             model.lm_head.register_forward_hook(follow_script)]
+    try:
+        ro = ar.rollout(model, tok, [prompt], [4, 12, 20, 28], num_traces=2, num_summaries=2,
+                        temperature=0.0, summary_max_tokens=3, stop_at_box=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    L = len(script)
+    assert L == 13
+    for g in range(2):
+        assert ro.think_ids[0][g] == script and ro.closed[0, g] and not ro.ended_eos[0, g]
+        assert ro.cuts[0, g].tolist() == [4, 12, L, L]
+        assert ro.truncated[0, g].tolist() == [True, True, False, False]
+        assert ro.prompt_index[0, g].tolist() == [0, 1, 2, 2]
+        assert all(x == [tok.eos_token_id] for s in ro.summary_ids[0][g] for x in s)
+    trunc, closed, eos = ar.encode(tok, ar.TRUNCATED_INSERT), ar.encode(tok, ar.CLOSED_INSERT), [tok.eos_token_id]
+    assert tok.decode(trunc) == ar.TRUNCATED_INSERT and tok.decode(closed) == ar.CLOSED_INSERT
+    packed = ar.pack_rollout(ro, tok)
+    expect = ro.prompt_ids[0] + script + (trunc + eos) * 4 + (closed + eos) * 4
+    assert packed.input_ids[0, :len(expect)].tolist() == expect
+    starts = [P + L + k * (len(trunc) + 1) for k in range(4)]
+    starts += [starts[-1] + len(trunc) + 1 + k * (len(closed) + 1) for k in range(4)]
+    assert [packed.position_ids[0, i].item() for i in starts] == [P + c for c in [4, 4, 12, 12, L, L, L, L]]
+    # the inserted text is never trained; the summaries' EOS tokens are
+    assert [packed.adv_index[0, i + len(trunc)].item() for i in starts[:4]] == [4, 5, 6, 7]
+    assert all(packed.adv_index[0, i].item() == -1 for i in starts)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logprobs_match_unpacked(tiny, attn):
+    tok, model, ro = tiny
+    model.set_attn_implementation(attn)
+    assert model.config._attn_implementation == attn
+    packed = ar.pack_rollout(ro, tok)
+    with torch.no_grad():
+        lp = ar.packed_logprobs(model, packed, chunk_size=7)   # several chunks
+    inserts = {True: ar.encode(tok, ar.TRUNCATED_INSERT), False: ar.encode(tok, ar.CLOSED_INSERT)}
+
+    def unpacked(seq):  # log-probs of seq[1:] from a plain causal forward
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0].float()
+        return torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+
+    n, checked = 0, 0
+    for b in range(2):
+        for g in range(3):
+            P, think = len(ro.prompt_ids[b]), ro.think_ids[b][g]
+            ref = unpacked(ro.prompt_ids[b] + think)[P - 1:]
+            assert torch.allclose(lp[n, P:P + len(think)], ref, atol=1e-5)
+            offset = P + len(think)
+            for s in range(3):
+                ins = inserts[bool(ro.truncated[b, g, s])]
+                for a in range(2):
+                    summ = ro.summary_ids[b][g][s][a]
+                    ref = unpacked(ro.prompt_ids[b] + think[:ro.cuts[b, g, s]] + ins + summ)[-len(summ):]
+                    got = lp[n, offset + len(ins):offset + len(ins) + len(summ)]
+                    assert torch.allclose(got, ref, atol=1e-5)
+                    offset += len(ins) + len(summ)
+                    checked += 1
+            assert (lp[n, offset:] == 0).all()   # padding untouched
+            n += 1
+    assert checked == 2 * 3 * 3 * 2
+    model.set_attn_implementation("sdpa")
+
+
+def test_token_advantages(tiny):
+    tok, _, ro = tiny
+    packed = ar.pack_rollout(ro, tok)
+    N, S, A = 6, 3, 2
+    think_adv = torch.arange(N * S, dtype=torch.float).view(N, S) + 1
+    summ_adv = -(torch.arange(N * S * A, dtype=torch.float).view(N, S, A) + 1)
+    adv = ar.token_advantages(packed, think_adv, summ_adv)
+    for n in range(N):
+        b, g = divmod(n, 3)
+        P, L = len(ro.prompt_ids[b]), len(ro.think_ids[b][g])
+        for t in range(L):   # thinking token t is in segment s iff b_{s-1} <= t < b_s
+            s = sum(t >= x for x in ro.budgets)
+            assert adv[n, P + t] == think_adv[n, s]
+        assert (adv[n, :P] == 0).all()
+        assert (adv[n][packed.adv_index[n] < 0] == 0).all()
+        assert set(adv[n][adv[n] < 0].tolist()) <= set(summ_adv[n].flatten().tolist())
+
+
+# ----------------------------------------------------------------------------
+# loss
+# ----------------------------------------------------------------------------
+
+def test_loss_gradient_is_reinforce_at_ratio_one(tiny):
+    tok, model, ro = tiny
+    packed = ar.pack_rollout(ro, tok)
+    mask = packed.adv_index >= 0
+    adv = torch.randn(packed.input_ids.shape) * mask
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    lp = ar.packed_logprobs(model, packed, chunk_size=16)
+    loss, stats = ar.policy_loss(lp, lp.detach(), adv, mask, normaliser=123.0)
+    g1 = torch.autograd.grad(loss, params)
+    assert stats["clipfrac"] == 0 and abs(stats["approx_kl"]) < 1e-12
+
+    # REINFORCE: -sum A * log pi / normaliser, with log pi from an unchunked, unpacked-style path
+    lp2 = ar.packed_logprobs(model, packed, chunk_size=10 ** 9)
+    g2 = torch.autograd.grad(-(adv * lp2 * mask).sum() / 123.0, params)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_clips_and_reports():
+    lp = torch.tensor([[0.0, 0.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, 1.0, 0.0]])        # ratios e, 1/e, 1
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.tensor([[True, True, True]])
+    loss, stats = ar.policy_loss(lp, old, adv, mask, normaliser=3.0, clip_eps=0.2)
+    loss.backward()
+    # token 0: ratio e > 1.2 with A > 0 -> clipped, no gradient; token 1: ratio 1/e < .8, A < 0
+    # -> clipped, no gradient; token 2: ratio 1 -> gradient -A / normaliser
+    assert torch.allclose(lp.grad, torch.tensor([[0.0, 0.0, -2.0 / 3.0]]))
+    assert stats["clipfrac"] == pytest.approx(2 / 3)
+    k3 = ((torch.e - 1) - 1 + (1 / torch.e - 1) + 1) / 3
+    assert stats["approx_kl"] == pytest.approx(k3, rel=1e-5)
+
+
+def test_loss_kl_to_reference():
+    lp = torch.zeros(1, 2, requires_grad=True)
+    ref = torch.tensor([[0.5, -0.5]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, stats = ar.policy_loss(lp, lp.detach(), torch.zeros(1, 2), mask, 2.0, ref_logprobs=ref, kl_coef=0.1)
+    d = ref
+    assert loss.item() == pytest.approx(0.1 * (d.exp() - d - 1).sum().item() / 2.0)
+    assert "ref_kl" in stats
+
+
+# ----------------------------------------------------------------------------
+# evaluation and diagnostics
+# ----------------------------------------------------------------------------
+
+def test_anytime_accuracy():
+    scores = torch.tensor([[[[1.0], [1.0]]], [[[0.0], [1.0]]]])   # B=2, G=1, S=2, A=1
+    assert torch.allclose(ar.anytime_accuracy(scores), torch.tensor([0.5, 1.0]))
+
+
+def test_variance_diagnostics_against_numpy():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(1)
+    B, G, S = 6, 4, 3
+    budgets = [10, 20, 30]
+    r = torch.randint(0, 3, (B, G, S)).double() / 2
+    lens = torch.randint(1, 31, (B, G))
+    p = ar.budget_prior("uniform", budgets).double()
+    out = ar.variance_diagnostics(r, p, lens, budgets)
+    R = ar.returns_to_go(r, p).reshape(-1, S).numpy()
+    v1 = ar.v1_baseline(r, p).reshape(-1, S).numpy()
+    v2 = ar.v2_baseline(ar.returns_to_go(r, p)).reshape(-1, S).numpy()
+    lens = lens.reshape(-1).numpy()
+    for s, start in enumerate([0] + budgets[:-1]):
+        keep = lens > start
+        Rs, V1, V2 = R[keep, s], v1[keep, s], v2[keep, s]
+        brpo = (s * V1 + (S - s) * V2) / S
+        for name, V in (("v1", V1), ("v2", V2), ("brpo", brpo)):
+            assert out[f"var_ratio_{name}"][s].item() == pytest.approx(np.var(Rs - V) / np.var(Rs), rel=1e-6)
+            if np.std(V) > 0:
+                assert out[f"corr_{name}"][s].item() == pytest.approx(np.corrcoef(V, Rs)[0, 1], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# the score (SPEC 3)
+# ----------------------------------------------------------------------------
+
+def test_score_summary_format_rules():
+    assert ar.score_summary("The answer is \\boxed{18}.", "18", ended_in_eos=False) == 1.0
+    assert ar.score_summary("\\boxed{18}", "18", ended_in_eos=True) == 0.0          # no </think>
+    assert ar.score_summary("</think> \\boxed{18}", "18", ended_in_eos=False) == 0.0  # two </think>
+    assert ar.score_summary("\\boxed{17}", "18", ended_in_eos=False) == 0.0
+    assert ar.score_summary("no box", "18", ended_in_eos=False) == 0.0
+
+
+# ----------------------------------------------------------------------------
+# answer checker: a table of pairs, hostile inputs, no eval, time bounds
+# ----------------------------------------------------------------------------
+
+MATCH_CASES = [
+    # exact / normalised strings
+    ("18", "18", True),
+    ("1,000", "1000", True),
+    ("1000", "1,000", True),
+    ("1,000,000", "10^6", True),
+    ("\\$18", "18", True),
+    ("$18$", "18", True),
+    ("50\\%", "50", True),
+    ("50%", "0.5 \\cdot 100", True),
+    ("18.", "18", True),
+    ("18 \\text{ dollars}", "18", True),
+    ("18 dollars", "18", True),
+    ("5\\mbox{ cm}", "5", True),
+    ("5 \\text{cm}^2", "5", True),
+    ("\\text{(A)}", "(A)", True),
+    ("\\text{(A)}", "A", True),
+    ("\\left( 1, 2 \\right)", "(1,2)", True),
+    ("1\\!000", "1000", True),
+    ("18\\ \\text{dollars}", "18", True),
+    ("x^{2}", "x^2", True),
+    ("3\\,\\pi", "3\\pi", True),
+    ("90^\\circ", "90", True),
+    ("90^{\\circ}", "90", True),
+    # numbers
+    ("18.00", "18", True),
+    ("0.5", "1/2", True),
+    ("-0.25", "-1/4", True),
+    ("0.333333", "\\frac{1}{3}", True),
+    # fractions, powers, roots
+    ("0.5", "\\frac{1}{2}", True),
+    ("\\dfrac{3}{4}", "0.75", True),
+    ("\\tfrac{3}{4}", "\\frac34", True),
+    ("\\frac12", "0.5", True),
+    ("2^{10}", "1024", True),
+    ("2^{-1}", "0.5", True),
+    ("\\sqrt{8}", "2\\sqrt{2}", True),
+    ("\\sqrt[3]{27}", "3", True),
+    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True),
+    ("\\sqrt{2}+\\sqrt{3}", "\\sqrt{5+2\\sqrt{6}}", True),
+    # algebra, constants, implicit multiplication, unary minus
+    ("2x+3", "3+2x", True),
+    ("x(x+1)", "x^2+x", True),
+    ("\\frac{x^2-1}{x-1}", "x+1", True),
+    ("(a+b)^2", "a^2+2ab+b^2", True),
+    ("2\\pi", "\\pi \\cdot 2", True),
+    ("3 \\times 4", "12", True),
+    ("3\\sqrt{2}", "\\sqrt{18}", True),
+    ("-5", "- 5", True),
+    ("-x^2", "-(x^2)", True),
+    ("\\frac{-1}{2}", "-\\frac{1}{2}", True),
+    # tuples and sets
+    ("(1, 2)", "(1,2)", True),
+    ("(1, \\frac{1}{2})", "(1, 0.5)", True),
+    ("\\{1,2\\}", "\\{2,1\\}", True),
+    ("2, 1", "1, 2", True),
+    # equations
+    ("x = 5", "5", True),
+    ("a=5", "5", True),
+    ("y = 3+2x", "y=2x+3", True),
+    # must be False
+    ("18", "19", False),
+    ("1/2", "0.49", False),
+    ("(1,2)", "(2,1)", False),
+    ("[1,2]", "(1,2)", False),
+    ("(1,000)", "1000", False),
+    ("2x", "3x", False),
+    ("x^2", "2x", False),
+    ("x", "y", False),
+    ("\\sqrt{2}", "1.41", False),
+    ("\\pi", "3.14", False),
+    ("x = 5", "y = 5", False),
+    ("yes", "sey", False),
+    ("\\frac{1}{0}", "\\frac{2}{0}", False),
+    (None, "5", False),
+    ("", "5", False),
+    ("   ", "", False),
+]
+
+
+@pytest.mark.parametrize("given,truth,expected", MATCH_CASES)
+def test_answers_match(given: str | None, truth: str, expected: bool) -> None:
+    assert answers_match(given, truth) is expected
+
+
+def test_match_table_is_large() -> None:
+    assert len(MATCH_CASES) >= 40
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("**Final Answer**\n\\boxed{42}", "42"),
+    ("reasoning...\n**Final Answer**\n\n  The answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("**Final Answer**\n\\boxed{\\frac{\\sqrt{2}}{\\{1\\}}}", "\\frac{\\sqrt{2}}{\\{1\\}}"),
+    ("**Final Answer**\n\\boxed{1} then \\boxed{2}", "2"),
+    ("**Final Answer**\n\\boxed{7}\n\nLater: \\boxed{8}", "7"),
+    ("\\boxed{3} **Final Answer** \\boxed{4}", "4"),
+    ("**Final Answer** \\boxed 5", "5"),
+    ("no heading, falls back to the whole text \\boxed{9}", "9"),
+    ("**Final Answer**\n\\boxed{12", None),
+    ("**Final Answer**\n\\boxed{1} and \\boxed{12", None),
+    ("**Final Answer**\nThe answer is 12.", None),
+    ("**Final Answer**\n\nfirst paragraph\n\n\\boxed{3}", None),
+    ("", None),
+])
+def test_extract_answer(text: str, expected: str | None) -> None:
+    assert extract_answer(text) == expected
+
+
+def _payloads(canary: Path) -> list[str]:
+    c = str(canary)
+    return [
+        f"__import__('os').system('touch {c}')",
+        f'__import__("pathlib").Path(r"{c}").write_text("x")',
+        f"(lambda: __import__('os').system('touch {c}'))()",
+        f"exec(\"open(r'{c}', 'w')\")",
+        f"eval(\"__import__('os').system('touch {c}')\")",
+        "Symbol('x').__class__.__mro__[-1].__subclasses__()",
+        "Integer(1).__class__.__base__.__subclasses__()",
+        f"Function('f')(x).func.__globals__['__builtins__']['open'](r'{c}', 'w')",
+        f"x + __import__('os').system('touch {c}')",
+    ]
+
+
+def test_injection_never_runs(tmp_path: Path) -> None:
+    canary = tmp_path / "CANARY"
+    for payload in _payloads(canary):
+        for given, truth in [(payload, "5"), ("5", payload), (payload, "x"), (payload, payload + " ")]:
+            assert isinstance(answers_match(given, truth), bool)
+        boxed = extract_answer(f"**Final Answer**\n\\boxed{{{payload}}}")
+        assert boxed == payload
+        assert answers_match(boxed, "0") is False
+    assert not canary.exists()
+
+
+def test_no_eval_even_if_sympy_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every string-evaluating entry point explode; answers must not change."""
+    import sympy.parsing.sympy_parser as sympy_parser
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("string evaluation was used")
+
+    cases = [(g, t, e) for g, t, e in MATCH_CASES if g is not None][:40]
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "eval", boom)
+        m.setattr(builtins, "exec", boom)
+        m.setattr(sympy_parser, "parse_expr", boom)
+        results = [answers_match(g, t) for g, t, _ in cases]
+    assert results == [e for _, _, e in cases]
+
+
+def test_source_calls_no_evaluators() -> None:
+    """Static check: anytime_reasoner.py never calls sympify/parse_expr/parse_latex/eval/exec."""
+    banned = {"sympify", "parse_expr", "parse_latex", "eval", "exec", "simplify", "__import__"}
+    tree = ast.parse(Path(__file__).with_name("anytime_reasoner.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            assert name not in banned, f"anytime_reasoner.py calls {name}"
+            assert not (isinstance(f, ast.Name) and f.id == "compile"), "anytime_reasoner.py calls compile()"
+
+
+DEEP = 5000
+HOSTILE_MATCH = [
+    ("9^9^9^9^9", "1"),
+    ("9^{9^{9}}", "9"),
+    ("10^{10^{10}}", "10"),
+    ("2^{99999999}", "2"),
+    ("2^{2^{2^{2^{2}}}}", "2"),
+    ("10^{-10^{10}}", "0"),
+    ("x^{1000000}", "x^{999999}"),
+    ("x^{999}", "x^{998}"),
+    ("(x+1)^{1000}", "(x+2)^{1000}"),
+    ("(2^{1000}+1)^{1000}", "1"),
+    ("(x^{999})^{999}", "x"),
+    ("\\sqrt{3^{600}+1}" * 25, "1"),
+    ("\\sqrt{3^{600}+1}\\sqrt{3^{600}+2}\\sqrt{3^{600}+3}", "1"),
+    ("2^{1000}" * 60, "2"),
+    ("(" * DEEP + "1" + ")" * DEEP, "1"),
+    ("(" * 240 + "1" + ")" * 240, "1"),
+    ("\\frac{" * DEEP + "1" + "}{2}" * DEEP, "1"),
+    ("\\frac{" * 45 + "1" + "}{2}" * 45, "1"),
+    ("\\sqrt{" * 80 + "2" + "}" * 80, "2"),
+    ("-" * 400 + "1", "1"),
+    ("1" + "^1" * 240, "1"),
+    ("{" * 100_000 + "}" * 100_000, "1"),
+    ("1" * 1_000_000, "1" * 999_999 + "2"),
+    ("x" * 1_000_000, "x"),
+    ("1,000" * 200_000, "1"),
+    ("\\text{" * 50_000 + "}" * 50_000, "1"),
+    ("1000000!", "1"),
+    ("(1," * 300 + "1" + ")" * 300, "1"),
+    ("1," * 240 + "1", "1," * 240 + "2"),
+    (" " * 1_000_000 + "1", "1"),
+    ("\\{" + ",".join(f"(x+{k})^{{999}}" for k in range(16)) + "\\}",
+     "\\{" + ",".join(f"(x+{k})^{{999}}" for k in reversed(range(16))) + "\\}"),
+    ("\\{" + ",".join(f"\\sqrt{{3^{{600}}+{k}}}" for k in range(16)) + "\\}", "\\{1\\}"),
+    ("\\sqrt[100]{2}" * 30, "2"),
+    ("\\frac{1}{x-\\frac{13}{17}}", "\\frac{1}{x-\\frac{13}{17}} + 0"),
+]
+
+
+@pytest.mark.parametrize("given,truth", HOSTILE_MATCH, ids=[f"h{i}" for i in range(len(HOSTILE_MATCH))])
+def test_hostile_answers_match_is_fast(given: str, truth: str) -> None:
+    for a, b in [(given, truth), (truth, given), (given, given + "0")]:
+        start = time.perf_counter()
+        result = answers_match(a, b)
+        assert time.perf_counter() - start < 2.0
+        assert isinstance(result, bool)
+
+
+HOSTILE_EXTRACT = [
+    "**Final Answer**\n\\boxed{" + "{" * 100_000 + "}" * 100_000 + "}",
+    "**Final Answer**\n\\boxed{" + "{" * 100_000,
+    "**Final Answer**\n" + "\\boxed{" * 100_000,
+    "**Final Answer**\n" + "\\boxed{1}" * 100_000,
+    "**Final Answer**" * 100_000,
+    "\\" * 1_000_000,
+    "x" * 1_000_000 + "**Final Answer**\n\\boxed{5}",
+    "**Final Answer**\n" + "\n \n" * 300_000,
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_EXTRACT, ids=[f"e{i}" for i in range(len(HOSTILE_EXTRACT))])
+def test_hostile_extract_is_fast(text: str) -> None:
+    start = time.perf_counter()
+    answer = extract_answer(text)
+    result = answers_match(answer, "1")
+    assert time.perf_counter() - start < 2.0
+    assert answer is None or isinstance(answer, str)
+    assert isinstance(result, bool)
+
+
+def test_odd_argument_types_do_not_raise() -> None:
+    assert answers_match("5", None) is False  # type: ignore[arg-type]
+    assert answers_match(5, "5") is False  # type: ignore[arg-type]
+    assert extract_answer(None) is None  # type: ignore[arg-type]
+
+
+def test_deep_nesting_extracts_exactly() -> None:
+    inner = "{" * 100_000 + "}" * 100_000
+    assert extract_answer("**Final Answer**\n\\boxed{" + inner + "}") == inner

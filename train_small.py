@@ -1,0 +1,693 @@
+"""Train a small model for anytime reasoning with BRPO (AnytimeReasoner), on one GPU.
+
+    python train_small.py                                  # Qwen2.5-0.5B-Instruct, GSM8K, preset ar-uniform
+    python train_small.py --preset grpo                    # the final-answer GRPO baseline
+    python train_small.py --model Qwen/Qwen3-0.6B          # native thinking, </think> is one token
+    python train_small.py --data-dir ../shared/gsm8k       # local GSM8K (else downloaded once)
+    python train_small.py --resume out/ckpt                # continue exactly where a run stopped
+    python train_small.py --demo                           # CPU, offline, ~5 minutes: see the effect
+
+The algorithm lives in anytime_reasoner.py; this file is plumbing (arguments,
+data, model loading, checkpoints, logging) around one training loop, `train`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+import anytime_reasoner as ar
+
+try:  # optional extras
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+# ----------------------------------------------------------------------------
+# Hyperparameters (defaults for the real run; --demo swaps in DEMO below)
+# ----------------------------------------------------------------------------
+
+DEFAULTS = dict(
+    model="Qwen/Qwen2.5-0.5B-Instruct",  # two KV heads: small KV cache, big generation batches
+    preset="ar-uniform",
+    # Qwen2.5-0.5B-Instruct solves GSM8K in ~100-300 tokens, so 512 thinking tokens
+    # cover nearly every trace while the 128-token budget cuts most of them short.
+    max_think=512,
+    questions_per_step=16,   # B (the paper: 64 on 8 GPUs)
+    traces=8,                # G, traces per question (the paper: 8)
+    summary_max_tokens=48,   # a GSM8K "**Final Answer** \boxed{...}" fits easily (the authors: 118)
+    lr=1e-6,                 # the paper's constant learning rate
+    temperature=1.0,         # rollout temperature (the paper: 1.0)
+    eval_temperature=0.6,    # the paper evaluates at 0.6
+    eval_size=200,           # held-out GSM8K test questions per evaluation
+    eval_every=25,
+    eval_grid=64,            # evaluate every eval_grid tokens up to max_think
+    steps=200,
+    save_every=25,
+    micro_batch=4,           # traces per forward/backward (packed rows)
+    think_batch=128,         # rows per generate() call for thinking
+    summary_batch=512,       # rows per generate() call for summaries
+    chunk_size=1024,         # trained positions per output-layer chunk
+    warmup_steps=0,
+    kl_coef=0.0, clip_eps=0.2, seed=0, device="auto", data_dir=None, out_dir=None, resume=None, demo=False,
+)
+# The offline CPU demo: a tiny model, a synthetic task where thinking helps.
+DEMO = dict(model="(built in code)", max_think=24, questions_per_step=16, traces=8,
+            summary_max_tokens=6, lr=3e-4, eval_size=200, eval_every=10, eval_grid=3,
+            steps=40, save_every=20, micro_batch=64, think_batch=128, summary_batch=1024,
+            warmup_steps=800, chunk_size=4096)
+
+
+@dataclass
+class Args:
+    model: str                 # HF name or local directory
+    preset: str                # a row of SPEC 7, see anytime_reasoner.PRESETS
+    budgets: list[int]         # thinking budgets b_0 < ... < b_{S-1}
+    prior: str                 # uniform | linear | base
+    num_summaries: int         # A
+    thinking_method: str       # brpo | grpo | v1 | none
+    summary_method: str        # brpo | grpo
+    max_think: int             # thinking stops here (= the last budget)
+    questions_per_step: int    # B
+    traces: int                # G
+    summary_max_tokens: int
+    lr: float
+    temperature: float
+    eval_temperature: float
+    eval_size: int
+    eval_every: int
+    eval_grid: int
+    steps: int
+    save_every: int
+    micro_batch: int
+    think_batch: int
+    summary_batch: int
+    chunk_size: int
+    warmup_steps: int          # demo only: supervised steps before RL
+    kl_coef: float
+    clip_eps: float
+    seed: int
+    out_dir: str
+    data_dir: str | None
+    resume: str | None
+    demo: bool
+    device: str
+
+
+def die(msg: str):
+    """One clear line and a non-zero exit; no traceback for a user's mistake."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None) -> Args:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help=f"HF model name or local directory (default {DEFAULTS['model']})")
+    p.add_argument("--preset", help=f"paper run: {', '.join(ar.PRESETS)} (default {DEFAULTS['preset']})")
+    p.add_argument("--budgets", help="comma-separated thinking budgets in tokens, e.g. 128,256,384,512")
+    p.add_argument("--prior", help="budget prior: uniform, linear or base (default: the preset's)")
+    p.add_argument("--num-summaries", type=int, help="A, summaries per (trace, budget)")
+    p.add_argument("--thinking-method", help="thinking baseline: brpo, grpo, v1, none")
+    p.add_argument("--summary-method", help="summary advantage: brpo (decoupled) or grpo")
+    for name in ("max_think", "questions_per_step", "traces", "summary_max_tokens", "eval_size",
+                 "eval_every", "eval_grid", "steps", "save_every", "micro_batch", "think_batch",
+                 "summary_batch", "chunk_size", "warmup_steps"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, help=f"(default {DEFAULTS[name]})")
+    for name in ("lr", "temperature", "eval_temperature"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, help=f"(default {DEFAULTS[name]})")
+    p.add_argument("--kl-coef", type=float, help="KL to the initial model (default 0: no reference model)")
+    p.add_argument("--clip-eps", type=float, help="PPO clip range (default 0.2)")
+    p.add_argument("--seed", type=int, help="(default 0)")
+    p.add_argument("--out-dir", default=None, help="checkpoints and metrics (default out/ or out-demo/)")
+    p.add_argument("--data-dir", help="folder with GSM8K train.jsonl and test.jsonl (else downloaded)")
+    p.add_argument("--resume", help="checkpoint folder to continue from")
+    p.add_argument("--demo", action="store_true", help="offline CPU demo on a synthetic task")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    a = p.parse_args(argv)
+    if a.demo and a.resume:
+        die("--resume continues a real run; the demo takes a few minutes, run it again instead")
+
+    # defaults: resumed run < mode defaults < preset < explicit flags
+    base = dict(DEFAULTS, **(DEMO if a.demo else {}))
+    if a.resume:
+        saved = os.path.join(a.resume, "args.json")
+        if not os.path.isfile(saved):
+            die(f"--resume {a.resume}: no args.json there; pass a checkpoint folder written by this script")
+        with open(saved) as f:
+            base.update({k: v for k, v in json.load(f).items() if k not in ("resume", "steps")})
+    preset_name = a.preset or base["preset"]
+    if preset_name not in ar.PRESETS:
+        die(f"unknown preset {preset_name!r}; choose one of {', '.join(ar.PRESETS)}")
+    preset = ar.PRESETS[preset_name]
+    merged = dict(base, preset=preset_name, **{k: v for k, v in asdict(preset).items()})
+    if a.resume:  # a resumed run keeps its own algorithm settings
+        merged.update({k: base[k] for k in asdict(preset) if k in base})
+    for k, v in vars(a).items():
+        if v is not None and k != "budgets" and not (k == "demo" and not v):
+            merged[k] = v
+    if merged.get("out_dir") is None:
+        merged["out_dir"] = "out-demo" if a.demo else "out"
+
+    # input checks, all before anything heavy loads
+    if merged["prior"] not in ar.PRIORS:
+        die(f"unknown prior {merged['prior']!r}; choose one of {', '.join(ar.PRIORS)}")
+    if merged["thinking_method"] not in ar.THINKING_METHODS:
+        die(f"unknown thinking method {merged['thinking_method']!r}; choose one of {', '.join(ar.THINKING_METHODS)}")
+    if merged["summary_method"] not in ar.SUMMARY_METHODS:
+        die(f"unknown summary method {merged['summary_method']!r}; choose one of {', '.join(ar.SUMMARY_METHODS)}")
+    for k in ("max_think", "questions_per_step", "traces", "num_summaries", "summary_max_tokens",
+              "steps", "micro_batch", "think_batch", "summary_batch", "chunk_size", "eval_grid"):
+        if merged[k] < 1:
+            die(f"--{k.replace('_', '-')} must be at least 1, got {merged[k]}")
+    if a.budgets is not None:
+        try:
+            budgets = [int(x) for x in a.budgets.split(",")]
+        except ValueError:
+            die(f"--budgets must be comma-separated integers, got {a.budgets!r}")
+        try:
+            ar.check_budgets(budgets)
+        except ValueError as e:
+            die(f"--budgets: {e}")
+        if budgets[-1] > merged["max_think"]:
+            die(f"--budgets: {budgets[-1]} is beyond the maximum thinking length "
+                f"--max-think {merged['max_think']}")
+    elif a.resume and "budgets" in base:
+        budgets = base["budgets"]
+    else:
+        if merged["num_budgets"] > merged["max_think"]:
+            die(f"{merged['num_budgets']} budgets do not fit in --max-think {merged['max_think']}")
+        budgets = ar.evenly_spaced_budgets(merged["max_think"], merged["num_budgets"])
+    merged["budgets"] = budgets
+    merged["max_think"] = budgets[-1]
+    if not a.demo and merged["data_dir"] is not None and not os.path.isdir(merged["data_dir"]):
+        die(f"--data-dir {merged['data_dir']}: no such folder")
+    if a.resume and not os.path.isdir(a.resume):
+        die(f"--resume {a.resume}: no such folder")
+    fields = Args.__dataclass_fields__
+    return Args(**{k: merged[k] for k in fields})
+
+
+# ----------------------------------------------------------------------------
+# Data: GSM8K (local folder or a one-time download) and the demo task
+# ----------------------------------------------------------------------------
+
+GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "anytime_reasoner", "gsm8k")
+
+
+def parse_gsm8k(path: str) -> list[dict]:
+    """[{question, answer}] from a GSM8K JSONL file; the answer is what follows '####', commas removed."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                question, solution = obj["question"], obj["answer"]
+                if "####" not in solution:
+                    raise ValueError("no '####' before the final answer")
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: malformed GSM8K line ({e})") from None
+            rows.append({"question": question,
+                         "answer": solution.split("####")[-1].strip().replace(",", "")})
+    return rows
+
+
+def load_gsm8k(split: str, data_dir: str | None) -> list[dict]:
+    """GSM8K `split` ('train' or 'test') from data_dir, or downloaded once into CACHE_DIR."""
+    if data_dir is None:
+        data_dir = CACHE_DIR
+        path = os.path.join(data_dir, f"{split}.jsonl")
+        if not os.path.isfile(path):
+            os.makedirs(data_dir, exist_ok=True)
+            url = GSM8K_URL.format(split)
+            print(f"downloading GSM8K {split} from {url} into {data_dir}")
+            try:
+                urllib.request.urlretrieve(url, path + ".part")
+            except OSError as e:
+                die(f"could not download GSM8K ({e}); download {split}.jsonl by hand and pass --data-dir")
+            os.replace(path + ".part", path)
+    path = os.path.join(data_dir, f"{split}.jsonl")
+    if not os.path.isfile(path):
+        die(f"{path} not found: --data-dir must hold GSM8K's train.jsonl and test.jsonl")
+    try:
+        return parse_gsm8k(path)
+    except ValueError as e:
+        die(str(e))
+
+
+# The demo task: count the steps from one letter to another along a fixed cycle
+# of 12 letters. "d>i" is answered by thinking "1e2f3g4h5i" (a step number and
+# the next letter, until the target) and then \boxed{5}. Each thinking token is
+# easy (the step before plus one) but the count cannot be read off the question
+# by a tiny model, so an answer is only right once the thinking has reached the
+# target. Warm-up traces start with a random amount of filler ("~"), so cutting
+# the thinking at a small budget often loses the count. The anytime objective
+# should learn to drop the filler; final-answer GRPO has no reason to (every
+# trace finishes within the largest budget).
+DEMO_NODES = "abcdefghijkl"
+DEMO_FILLER_MAX = 8  # <= 8 filler + 2 x 7 steps + </think> = 23 <= 24, the last budget
+
+
+def demo_problem(rng: random.Random) -> dict:
+    start, steps = rng.randrange(12), rng.randint(2, 7)
+    letters = [DEMO_NODES[(start + k) % 12] for k in range(steps + 1)]
+    path = "".join(f"{k}{letters[k]}" for k in range(1, steps + 1))
+    return {"question": f"{letters[0]}>{letters[-1]}", "answer": str(steps), "path": path}
+
+
+def demo_prompt(question: str) -> str:
+    return question + "\n<think>\n"
+
+
+def tiny_tokenizer(think_end_special: bool = True):
+    """A character-level tokenizer built in code (no download). `</think>` is one
+    special token, like Qwen3/DeepSeek-R1, or 8 ordinary characters, like Qwen2.5."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n.,:;!?+-*/=()[]{}<>\\$%#_^'\"|&~"
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                unk_token="<unk>")
+    t.add_tokens(["<think>", "**Final Answer**", "\\boxed{", "..."])  # whole words, not characters
+    if think_end_special:
+        t.add_special_tokens({"additional_special_tokens": ["</think>"]})
+    return t
+
+
+def tiny_model(tokenizer, hidden: int = 128, layers: int = 2, seed: int = 0, attn: str = "sdpa"):
+    """A random-initialised Qwen2 causal LM of any size, built from a config (no download)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=tokenizer.eos_token_id, attn_implementation=attn)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg)
+
+
+def demo_warmup(model, tokenizer, steps: int, seed: int, device, log=print):
+    """Supervised warm-up so the tiny model can produce the format: filler, the chain,
+    </think>, **Final Answer**, \\boxed{end}. A third of the examples are cut short
+    with the "..." insert and answer with the last node reached (a guess)."""
+    rng = random.Random(seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        seqs, starts = [], []
+        for _ in range(32):
+            pb = demo_problem(rng)
+            think = "~" * rng.randint(0, DEMO_FILLER_MAX) + pb["path"]
+            if rng.random() < 1 / 3:
+                cut = rng.randint(0, len(think))
+                seen = [c for c in think[:cut] if c.isdigit()]
+                guess = seen[-1] if seen else str(rng.randint(1, 7))
+                body = ar.encode(tokenizer, think[:cut] + ar.TRUNCATED_INSERT + "\\boxed{" + guess + "}")
+            else:
+                body = ar.encode(tokenizer, think + ar.THINK_END + ar.CLOSED_INSERT
+                                 + "\\boxed{" + pb["answer"] + "}")
+            prompt = ar.encode(tokenizer, demo_prompt(pb["question"]))
+            seqs.append(prompt + body + [tokenizer.eos_token_id])
+            starts.append(len(prompt))
+        T = max(map(len, seqs))
+        ids = torch.full((len(seqs), T), tokenizer.pad_token_id)
+        labels = torch.full((len(seqs), T), -100)
+        for i, (s, p) in enumerate(zip(seqs, starts)):
+            ids[i, :len(s)] = torch.tensor(s)
+            labels[i, p:len(s)] = torch.tensor(s[p:])
+        loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"warm-up {step:4d}/{steps}  loss {loss.item():.3f}")
+    model.eval()
+
+
+# ----------------------------------------------------------------------------
+# Plumbing: device, seeding, model loading, checkpoints, logging
+# ----------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_model(name: str, device: torch.device):
+    """from_pretrained, or one clear message that says what to do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    dtype = torch.float32  # fp32 master weights; the loss runs under bf16 autocast on a GPU
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except Exception as e:  # OSError, ValueError, connection errors...: all mean "not loadable"
+        die(f"could not load model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            "Check the name, or on a machine with internet run `huggingface-cli download "
+            f"{name}` and pass --model with the local folder.")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device), tokenizer
+
+
+def save_checkpoint(path: str, model, tokenizer, optimizer, step: int, data_pos: int, args: Args):
+    """Everything needed to continue exactly: weights, tokenizer, optimiser, step, RNG, data position.
+    Written to a temporary folder first and then renamed, so a crash never leaves half a checkpoint."""
+    tmp = path + ".tmp"
+    os.makedirs(tmp, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "data_pos": data_pos,
+                "rng": rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=1)
+    if os.path.isdir(path):
+        import shutil
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: str, row: dict):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def progress_bar(total: int, desc: str):
+    """A tqdm bar when tqdm is installed and we are on a terminal; else nothing."""
+    if tqdm is None or not sys.stderr.isatty():
+        return None, lambda n: None
+    bar = tqdm(total=total, desc=desc, leave=False)
+    return bar, bar.update
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: anytime accuracy table, JSONL and a plot
+# ----------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, prompts, truths, args: Args, grid: list[int]) -> dict:
+    """Anytime accuracy of one trace and one summary per question at every budget of `grid`.
+    Runs on its own fixed random stream: evaluations are comparable across steps, and the
+    training stream is untouched (so a resumed run continues exactly)."""
+    rows = len(prompts) * (1 + len(grid))
+    bar, update = progress_bar(rows, "eval")
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed + 12345)
+        ro = ar.rollout(model, tokenizer, prompts, grid, 1, 1, args.eval_temperature,
+                        args.summary_max_tokens, args.think_batch, args.summary_batch, progress=update)
+    if bar:
+        bar.close()
+    acc = ar.anytime_accuracy(ar.score_rollout(ro, truths), ro.prompt_index)
+    return {"budgets": grid, "accuracy": [round(x, 4) for x in acc.tolist()],
+            "anytime_score": round(acc.mean().item(), 4),
+            "mean_think_len": round(ro.think_len.float().mean().item(), 1)}
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Budgets as columns, one row per named evaluation, plus the anytime score."""
+    grid = next(iter(results.values()))["budgets"]
+    head = f"{'budget':>20} " + " ".join(f"{b:>6}" for b in grid) + "  anytime  think_len"
+    lines = [head]
+    for name, r in results.items():
+        lines.append(f"{name:>20} " + " ".join(f"{a:6.3f}" for a in r["accuracy"])
+                     + f"  {r['anytime_score']:7.3f}  {r['mean_think_len']:9.1f}")
+    return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, dict], path: str) -> str:
+    """Accuracy against budget, like the paper's curve figure. PNG with matplotlib, else a text chart."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        width = 40
+        lines = ["accuracy vs budget (text chart; pip install matplotlib for a PNG)"]
+        for name, r in results.items():
+            lines.append(name)
+            for b, a in zip(r["budgets"], r["accuracy"]):
+                lines.append(f"  {b:>6} |{'#' * round(a * width):<{width}}| {a:.3f}")
+        text = "\n".join(lines)
+        with open(path.replace(".png", ".txt"), "w") as f:
+            f.write(text + "\n")
+        return text
+    plt.figure(figsize=(5, 3.5))
+    for name, r in results.items():
+        plt.plot(r["budgets"], r["accuracy"], marker="o", label=f"{name} ({r['anytime_score']:.3f})")
+    plt.xlabel("thinking budget (tokens)")
+    plt.ylabel("accuracy")
+    plt.legend()
+    plt.grid(alpha=0.3)
+    plt.tight_layout()
+    plt.savefig(path, dpi=120)
+    plt.close()
+    return f"wrote {path}"
+
+
+# ----------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------
+
+def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, device,
+            ref_model=None) -> dict:
+    """One AnytimeReasoner/BRPO step: rollout, score, advantages, one PPO update."""
+    B, G, S, A = len(prompts), args.traces, len(args.budgets), args.num_summaries
+    t0 = time.time()
+    model.eval()
+    bar, update = progress_bar(B * G * (1 + S * A), "rollout")
+    ro = ar.rollout(model, tokenizer, prompts, args.budgets, G, A, args.temperature,
+                    args.summary_max_tokens, args.think_batch, args.summary_batch, progress=update)
+    if bar:
+        bar.close()
+    t_gen = time.time() - t0
+    gen_tokens = int(ro.think_len.sum()) + sum(len(x) for q in ro.summary_ids for t in q for s in t for x in s)
+
+    scores = ar.score_rollout(ro, truths)                                       # B,G,S,A
+    think_adv, summ_adv = ar.rollout_advantages(ro, scores, prior, args.thinking_method,
+                                                args.summary_method)            # N,S  N,S,A
+    # A constant normaliser (SPEC 6): traces x largest budget, the same for every batch.
+    normaliser = B * G * args.budgets[-1]
+
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    traces = [(b, g) for b in range(B) for g in range(G)]
+    stats = {"clipfrac": 0.0, "approx_kl": 0.0}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for start in range(0, len(traces), args.micro_batch):
+        mb = traces[start:start + args.micro_batch]
+        packed = ar.pack_rollout(ro, tokenizer, mb)
+        mb_idx = torch.tensor([b * G + g for b, g in mb])
+        adv = ar.token_advantages(packed, think_adv[mb_idx], summ_adv[mb_idx]).to(device)
+        with autocast:
+            logprobs = ar.packed_logprobs(model, packed, args.chunk_size,
+                                          torch.bfloat16 if device.type == "cuda" else None)
+            ref = None
+            if ref_model is not None:  # only when --kl-coef > 0
+                with torch.no_grad():
+                    ref = ar.packed_logprobs(ref_model, packed, args.chunk_size,
+                                             torch.bfloat16 if device.type == "cuda" else None)
+        mask = (packed.adv_index >= 0).to(device)
+        # One update per rollout: the old policy is the current one, so no extra forward pass.
+        loss, st = ar.policy_loss(logprobs, logprobs.detach(), adv, mask, normaliser, args.clip_eps,
+                                  ref, args.kl_coef)
+        loss.backward()
+        for k in stats:
+            stats[k] += st[k] * len(mb) / len(traces)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+    acc = ar.pooled_scores(scores, ro.prompt_index).mean((0, 1))               # S
+    dt = time.time() - t0
+    return {"reward": round(scores.mean().item(), 4), "acc": [round(x, 3) for x in acc.tolist()],
+            "think_len": round(ro.think_len.float().mean().item(), 1),
+            "clipfrac": round(stats["clipfrac"], 4), "approx_kl": round(stats["approx_kl"], 6),
+            "grad_norm": round(float(grad_norm), 4), "gen_tok_s": round(gen_tokens / t_gen, 1),
+            "s_per_step": round(dt, 2)}
+
+
+def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device, tag="",
+          optimizer=None, start_step=0, data_pos=0) -> tuple[dict | None, dict | None]:
+    """The RL loop: evaluate, then (rollout -> advantages -> update) x steps, evaluating and
+    checkpointing every N steps and on Ctrl-C. Returns the first and the last evaluation."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    metrics_path = os.path.join(args.out_dir, f"metrics{tag}.jsonl")
+    eval_path = os.path.join(args.out_dir, f"eval{tag}.jsonl")
+    ckpt_path = os.path.join(args.out_dir, f"ckpt{tag}")
+    prior = ar.budget_prior(args.prior, args.budgets)
+    grid = list(range(args.eval_grid, args.max_think + 1, args.eval_grid))
+    if grid[-1] != args.max_think:
+        grid.append(args.max_think)
+    eval_prompts = [make_prompt(x["question"]) for x in eval_set]
+    eval_truths = [x["answer"] for x in eval_set]
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    ref_model = None
+    if args.kl_coef > 0:  # a frozen copy of the starting weights; never loaded when KL is off
+        import copy
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    order = np.random.default_rng(args.seed).permutation(len(train_set))  # fixed data order: resumable
+
+    def run_eval(step):
+        r = evaluate(model, tokenizer, eval_prompts, eval_truths, args, grid)
+        append_jsonl(eval_path, {"step": step, **r})
+        print(format_table({f"step {step}": r}))
+        return r
+
+    first = result = run_eval(start_step) if start_step == 0 else None
+    step = start_step
+    interrupted = False
+
+    def on_sigint(signum, frame):  # finish the step in flight, save, then stop
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+        print("\nCtrl-C: saving a checkpoint after this step (press again to abort)")
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        while step < args.steps and not interrupted:
+            idx = [order[(data_pos + i) % len(order)] for i in range(args.questions_per_step)]
+            data_pos += args.questions_per_step
+            batch = [train_set[i] for i in idx]
+            m = rl_step(model, tokenizer, optimizer, [make_prompt(x["question"]) for x in batch],
+                        [x["answer"] for x in batch], args, prior, device, ref_model)
+            step += 1
+            append_jsonl(metrics_path, {"step": step, **m})
+            print(f"{tag.strip('-') or 'step'} {step:4d} | reward {m['reward']:.3f} | acc/budget "
+                  + " ".join(f"{a:.2f}" for a in m["acc"]) + f" | think {m['think_len']:.0f} tok"
+                  f" | clip {m['clipfrac']:.3f} | kl {m['approx_kl']:.1e} | {m['gen_tok_s']:.0f} gen tok/s"
+                  f" | {m['s_per_step']:.1f} s/step", flush=True)
+            if step % args.eval_every == 0 or step == args.steps:
+                result = run_eval(step)
+            if step % args.save_every == 0 or step == args.steps or interrupted:
+                save_checkpoint(ckpt_path, model, tokenizer, optimizer, step, data_pos, args)
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+    if interrupted:
+        print(f"stopped at step {step}; continue with: python train_small.py --resume {ckpt_path}")
+        sys.exit(130)
+    return first, result
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+def main_demo(args: Args, device):
+    """Warm up a tiny model, then train AnytimeReasoner and GRPO from the same start, same steps."""
+    seed_everything(args.seed)
+    tokenizer = tiny_tokenizer()
+    rng = random.Random(args.seed)
+    train_set = [demo_problem(rng) for _ in range(20000)]
+    eval_set = [demo_problem(random.Random(10_000 + i)) for i in range(args.eval_size)]
+    os.makedirs(args.out_dir, exist_ok=True)
+    start = os.path.join(args.out_dir, "warmup")
+    if os.path.isdir(start):
+        from transformers import AutoModelForCausalLM
+        print(f"using the warmed-up model in {start}")
+        model = AutoModelForCausalLM.from_pretrained(start).to(device)
+    else:
+        model = tiny_model(tokenizer, seed=args.seed).to(device)
+        print(f"tiny model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        demo_warmup(model, tokenizer, args.warmup_steps, args.seed, device)
+        model.save_pretrained(start)
+    grpo = {k: v for k, v in asdict(ar.PRESETS["grpo"]).items() if k != "num_budgets"}
+    runs = {args.preset: args,
+            "grpo": Args(**{**asdict(args), **grpo, "budgets": [args.max_think], "preset": "grpo"})}
+    if args.preset == "grpo":
+        runs = {"grpo": args}
+    results = {}
+    for name, run_args in runs.items():
+        from transformers import AutoModelForCausalLM
+        seed_everything(args.seed)
+        model = AutoModelForCausalLM.from_pretrained(start).to(device)
+        print(f"\n=== {name}: S={len(run_args.budgets)} budgets {run_args.budgets}, "
+              f"A={run_args.num_summaries}, prior {run_args.prior}, thinking {run_args.thinking_method}, "
+              f"summary {run_args.summary_method}")
+        before, results[name] = train(run_args, model, tokenizer, train_set, eval_set, demo_prompt,
+                                      device, tag="-" + name)
+        results = {"before": before, **results} if "before" not in results else results
+    print("\nanytime accuracy on", args.eval_size, "held-out problems (temperature",
+          f"{args.eval_temperature}):")
+    print(format_table(results))
+    print(plot_curves(results, os.path.join(args.out_dir, "anytime_accuracy.png")))
+    with open(os.path.join(args.out_dir, "demo_results.json"), "w") as f:
+        json.dump({"seed": args.seed, "steps": args.steps, **results}, f, indent=1)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.demo:
+        return main_demo(args, device)
+    train_set = load_gsm8k("train", args.data_dir)
+    eval_set = load_gsm8k("test", args.data_dir)[:args.eval_size]
+    seed_everything(args.seed)
+    model, tokenizer = load_model(args.resume or args.model, device)
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = True  # generate() still uses the KV cache in eval mode
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {device}; "
+          f"preset {args.preset}, budgets {args.budgets}, prior {args.prior}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    start_step, data_pos = 0, 0
+    if args.resume:
+        state = torch.load(os.path.join(args.resume, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, data_pos = state["step"], state["data_pos"]
+        set_rng_state(state["rng"])
+        print(f"resumed from {args.resume} at step {start_step}")
+
+    def make_prompt(q):
+        return ar.format_prompt(tokenizer, q)
+    before, after = train(args, model, tokenizer, train_set, eval_set, make_prompt, device,
+                  optimizer=optimizer, start_step=start_step, data_pos=data_pos)
+    if before and after:
+        print(format_table({"before": before, "after": after}))
+        print(plot_curves({"before": before, "after": after}, os.path.join(args.out_dir, "anytime_accuracy.png")))
+
+
+if __name__ == "__main__":
+    main()

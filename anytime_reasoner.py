@@ -637,27 +637,35 @@ class Rollout:
         return torch.tensor([[len(t) for t in row] for row in self.think_ids])
 
 
-def _first_stop(tokens: list[int], eos: set[int], think_end: list[int]) -> tuple[int, str]:
-    """Length up to and including the first stop, and why it stopped ('think', 'eos', 'max')."""
+def _first_stop(tokens: list[int], eos: set[int], think_end: list[int],
+                tokenizer=None) -> tuple[int, str]:
+    """Length up to and including the first stop, and why it stopped ('think', 'eos', 'max').
+
+    `</think>` is matched on ids; when it is several ordinary tokens and a tokenizer is
+    given, also on text, since a sampled trace may spell it with other merges (">\n\n").
+    """
     k = len(think_end)
+    pieces = tokenizer.convert_ids_to_tokens(tokens) if tokenizer is not None and k > 1 else None
     for i, t in enumerate(tokens):
         if t in eos:
             return i + 1, "eos"
         if k and t == think_end[-1] and i + 1 >= k and tokens[i + 1 - k:i + 1] == think_end:
             return i + 1, "think"
+        if pieces and ">" in (pieces[i] or "") and \
+                THINK_END in tokenizer.decode(tokens[max(0, i - k - 2):i + 1]):
+            return i + 1, "think"
     return len(tokens), "max"
 
 
-class _SuffixStop:
-    """Stops a row once its ids end with a multi-token `</think>` (transformers StoppingCriteria)."""
-    def __init__(self, suffix: list[int]):
-        self.suffix = torch.tensor(suffix)
+class _ThinkEndStop:
+    """Stops a row once its new tokens spell a multi-token `</think>` (a StoppingCriteria)."""
+    def __init__(self, tokenizer, think_end: list[int], prompt_len: int):
+        self.tokenizer, self.k, self.prompt_len = tokenizer, len(think_end), prompt_len
 
     def __call__(self, input_ids, scores, **kwargs):
-        k = len(self.suffix)
-        if input_ids.shape[1] < k:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        return (input_ids[:, -k:] == self.suffix.to(input_ids.device)).all(-1)
+        tail = input_ids[:, max(self.prompt_len, input_ids.shape[1] - self.k - 2):]
+        return torch.tensor([THINK_END in t for t in self.tokenizer.batch_decode(tail)],
+                            device=input_ids.device)
 
 
 class _BoxedStop:
@@ -714,7 +722,7 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
             mask[r, width - len(seqs[i]):] = 1
         criteria = []
         if think_end and len(think_end) > 1:
-            criteria.append(_SuffixStop(think_end))
+            criteria.append(_ThinkEndStop(tokenizer, think_end, width))
         box = _BoxedStop(tokenizer, width, len(rows)) if stop_at_box else None
         if box:
             criteria.append(box)
@@ -730,7 +738,7 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
             stopping_criteria=criteria or None)
         for r, i in enumerate(rows):
             new = gen[r, width:].tolist()
-            n, _ = _first_stop(new, set(eos), think_end or [])
+            n, _ = _first_stop(new, set(eos), think_end or [], tokenizer)
             if box and box.stop_len[r] is not None:
                 n = min(n, box.stop_len[r])
             out[i] = new[:n]
@@ -739,20 +747,19 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
     return out
 
 
-def summary_prompts(think: list[int], budgets: list[int], think_end: list[int],
-                    eos: set[int]) -> tuple[list[int], list[bool], list[int]]:
-    """SPEC 2, for one trace: (cuts[S], truncated[S], prompt_index[S]).
+def summary_prompts(length: int, why: str, budgets: list[int]) -> tuple[list[int], list[bool], list[int]]:
+    """SPEC 2, for one trace of `length` tokens that stopped for `why` ('think', 'eos', 'max').
 
-    A trace that closed with `</think>` within b_s is shown whole, with no
-    ellipsis; otherwise it is cut at b_s and gets the "..." insert. Budgets
-    whose prompts come out identical point (prompt_index) at the first of them.
+    Returns (cuts[S], truncated[S], prompt_index[S]). A trace that closed with
+    `</think>` within b_s is shown whole, with no ellipsis; otherwise it is cut
+    at b_s and gets the "..." insert. Budgets whose prompts come out identical
+    point (prompt_index) at the first of them.
     """
-    n, why = _first_stop(think, eos, think_end)
-    length = n - 1 if why == "eos" else n  # an EOS is never shown to the summary
+    shown = length - 1 if why == "eos" else length  # an EOS is never shown to the summary
     cuts, truncated, index = [], [], []
     for s, b in enumerate(budgets):
-        whole = why == "think" and n <= b
-        cuts.append(n if whole else min(b, length))
+        whole = why == "think" and length <= b
+        cuts.append(length if whole else min(b, shown))
         truncated.append(not whole)
         same = [k for k in range(s) if cuts[k] == cuts[s] and truncated[k] == truncated[s]]
         index.append(same[0] if same else s)
@@ -788,9 +795,9 @@ def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces
     for b in range(B):
         for g in range(G):
             think = think_ids[b][g]
-            _, why = _first_stop(think, eos, think_end)
+            n, why = _first_stop(think, eos, think_end, tokenizer)
             closed[b, g], ended_eos[b, g] = why == "think", why == "eos"
-            c, t, idx = summary_prompts(think, budgets, think_end, eos)
+            c, t, idx = summary_prompts(n, why, budgets)
             cuts[b, g], truncated[b, g], prompt_index[b, g] = torch.tensor(c), torch.tensor(t), torch.tensor(idx)
             for s in sorted(set(idx)):
                 shared = [k for k in range(S) if idx[k] == s]

@@ -147,27 +147,38 @@ def test_pooled_collapsed_budgets():
 # summary prompts: truncation points, inserts, collapsed budgets
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("think_end", [[99], [5, 6, 7]])
-def test_summary_prompts(think_end):
-    eos = {1}
+def test_summary_prompts():
     budgets = [4, 8, 12, 16]
-    k = len(think_end)
-    closed = [10, 11, 12] + think_end                        # closes at token 3 + k
-    c, t, idx = ar.summary_prompts(closed, budgets, think_end, eos)
-    n = 3 + k
-    first_whole = next(s for s, b in enumerate(budgets) if b >= n)
-    assert c == [min(b, n) if s < first_whole else n for s, b in enumerate(budgets)]
-    assert t == [s < first_whole for s in range(4)]
-    assert idx == [s if s <= first_whole else first_whole for s in range(4)]
+    # closed after 6 tokens: cut at 4, then the whole trace (no ellipsis), pooled from budget 1 on
+    assert ar.summary_prompts(6, "think", budgets) == ([4, 6, 6, 6], [True, False, False, False], [0, 1, 1, 1])
     # still running at the last budget: cut at every budget, ellipsis everywhere, no pooling
-    running = [20] * 16
-    assert ar.summary_prompts(running, budgets, think_end, eos) == (budgets, [True] * 4, [0, 1, 2, 3])
-    # ended in EOS after 6 tokens: the EOS is never shown, later budgets pool
-    eos_ended = [20] * 5 + [1]
-    assert ar.summary_prompts(eos_ended, budgets, think_end, eos) == ([4, 5, 5, 5], [True] * 4, [0, 1, 1, 1])
+    assert ar.summary_prompts(16, "max", budgets) == (budgets, [True] * 4, [0, 1, 2, 3])
+    # ended in EOS after 6 tokens: the EOS is never shown, later budgets pool, ellipsis kept
+    assert ar.summary_prompts(6, "eos", budgets) == ([4, 5, 5, 5], [True] * 4, [0, 1, 1, 1])
     # closing exactly on a budget counts as closed within it
-    exact = [20] * (8 - k) + think_end
-    assert ar.summary_prompts(exact, budgets, think_end, eos) == ([4, 8, 8, 8], [True, False, False, False], [0, 1, 1, 1])
+    assert ar.summary_prompts(8, "think", budgets) == ([4, 8, 8, 8], [True, False, False, False], [0, 1, 1, 1])
+    assert ar.summary_prompts(16, "think", budgets) == ([4, 8, 12, 16], [True, True, True, False], [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("think_end", [[99], [5, 6, 7]])
+def test_first_stop_on_ids(think_end):
+    eos = {1}
+    assert ar._first_stop([10, 11] + think_end + [12], eos, think_end) == (2 + len(think_end), "think")
+    assert ar._first_stop([10, 1, 11] + think_end, eos, think_end) == (2, "eos")
+    assert ar._first_stop([10, 11, 12], eos, think_end) == (3, "max")
+    assert ar._first_stop(think_end[:-1] + [10], eos, think_end) == (len(think_end), "max")
+
+
+def test_first_stop_on_text_with_other_merges():
+    """Qwen2.5 writes </think> as several tokens; a trace may end it with a merged '>\n\n'."""
+    tok = ts.tiny_tokenizer(think_end_special=False)
+    tok.add_tokens([">\n\n"])
+    canonical = ar.encode(tok, ar.THINK_END)
+    merged = ar.encode(tok, "12</think") + tok.convert_tokens_to_ids([">\n\n"]) + ar.encode(tok, "34")
+    assert merged[-3] != canonical[-1]                     # not the canonical ids
+    assert ar._first_stop(merged, {1}, canonical) == (len(merged), "max")      # ids alone miss it
+    assert ar._first_stop(merged, {1}, canonical, tok) == (len(merged) - 2, "think")
+    assert ar._first_stop(ar.encode(tok, "a > b"), {1}, canonical, tok) == (5, "max")
 
 
 def test_pack_trace_layout_and_mask():
@@ -217,7 +228,7 @@ def test_rollout_structure(tiny):
         for g in range(G):
             think = ro.think_ids[b][g]
             assert 1 <= len(think) <= 18
-            c, t, idx = ar.summary_prompts(think, ro.budgets, think_end, eos)
+            c, t, idx = ar.summary_prompts(*ar._first_stop(think, eos, think_end, tok), ro.budgets)
             assert ro.cuts[b, g].tolist() == c and ro.truncated[b, g].tolist() == t
             assert ro.prompt_index[b, g].tolist() == idx
             for s in range(S):
@@ -670,3 +681,103 @@ def test_odd_argument_types_do_not_raise() -> None:
 def test_deep_nesting_extracts_exactly() -> None:
     inner = "{" * 100_000 + "}" * 100_000
     assert extract_answer("**Final Answer**\n\\boxed{" + inner + "}") == inner
+
+
+# ----------------------------------------------------------------------------
+# train_small.py: data, bad input, a smoke run of the demo, resume
+# ----------------------------------------------------------------------------
+
+def run_script(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=HERE)
+
+
+@pytest.mark.skipif(not os.path.isdir(GSM8K), reason="../shared/gsm8k not present")
+def test_gsm8k_parsing():
+    train = ts.parse_gsm8k(os.path.join(GSM8K, "train.jsonl"))
+    test = ts.parse_gsm8k(os.path.join(GSM8K, "test.jsonl"))
+    assert len(train) == 7473 and len(test) == 1319
+    assert train[0]["answer"] == "72" and train[0]["question"].startswith("Natalia sold clips")
+    with open(os.path.join(GSM8K, "train.jsonl")) as f:   # answers with thousands commas
+        raw = [json.loads(line) for line in f]
+    i = next(i for i, r in enumerate(raw) if "," in r["answer"].split("####")[-1])
+    assert train[i]["answer"] == raw[i]["answer"].split("####")[-1].strip().replace(",", "")
+    assert all("," not in r["answer"] and r["answer"] for r in train + test)
+
+
+def test_gsm8k_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "answer": "x #### 1"}\n{"question": "q"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: malformed"):
+        ts.parse_gsm8k(str(path))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budgets", "256,128"], "strictly increasing"),
+    (["--budgets", "128,128"], "strictly increasing"),
+    (["--budgets", "0,128"], "positive"),
+    (["--budgets", "a,b"], "comma-separated integers"),
+    (["--budgets", "128,1024"], "beyond the maximum thinking length"),
+    (["--prior", "cosine"], "unknown prior"),
+    (["--preset", "ppo"], "unknown preset"),
+    (["--thinking-method", "v3"], "unknown thinking method"),
+    (["--data-dir", "/no/such/folder"], "no such folder"),
+    (["--traces", "0"], "at least 1"),
+    (["--resume", "/no/such/ckpt"], "no args.json"),
+])
+def test_bad_input_is_one_clear_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        ts.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_bad_input_and_missing_model_give_no_traceback(tmp_path):
+    r = run_script("--prior", "cosine")
+    assert r.returncode == 2 and "unknown prior" in r.stderr and "Traceback" not in r.stderr
+    if os.path.isdir(GSM8K):
+        r = run_script("--model", str(tmp_path / "no-model"), "--data-dir", GSM8K)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert "could not load model" in r.stderr and "--model" in r.stderr
+
+
+def test_demo_smoke(tmp_path):
+    r = run_script("--demo", "--steps", "1", "--warmup-steps", "3", "--eval-size", "4",
+                   "--questions-per-step", "2", "--traces", "2", "--out-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ar-uniform" in r.stdout and "grpo" in r.stdout and "anytime" in r.stdout
+    results = json.loads((tmp_path / "demo_results.json").read_text())
+    assert set(results) >= {"before", "ar-uniform", "grpo"}
+    assert len(results["before"]["accuracy"]) == 8        # the 3-token grid up to 24
+    for tag in ("ar-uniform", "grpo"):
+        rows = [json.loads(x) for x in (tmp_path / f"metrics-{tag}.jsonl").read_text().splitlines()]
+        assert [x["step"] for x in rows] == [1]
+
+
+@pytest.mark.skipif(not os.path.isdir(GSM8K), reason="../shared/gsm8k not present")
+def test_resume_continues_exactly(tmp_path):
+    """2 steps, stop, resume to 4 == 4 steps straight: same step count, appended metrics,
+    and the same rollouts (RNG state and data position restored)."""
+    model_dir = tmp_path / "tiny"
+    tok = ts.tiny_tokenizer()
+    ts.tiny_model(tok, hidden=32, layers=1).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    common = ["--model", str(model_dir), "--data-dir", GSM8K, "--max-think", "16",
+              "--questions-per-step", "2", "--traces", "2", "--summary-max-tokens", "4",
+              "--eval-size", "2", "--eval-every", "100", "--save-every", "1", "--device", "cpu"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_script(*common, "--steps", "2", "--out-dir", str(a))
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("--resume", str(a / "ckpt"), "--steps", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stdout
+    r = run_script(*common, "--steps", "4", "--out-dir", str(b))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def rows(d):
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows(a)] == [1, 2, 3, 4]
+    assert torch.load(a / "ckpt" / "trainer_state.pt", weights_only=False)["step"] == 4
+    same = ("reward", "acc", "think_len")
+    assert [{k: x[k] for k in same} for x in rows(a)] == [{k: x[k] for k in same} for x in rows(b)]

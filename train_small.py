@@ -446,6 +446,12 @@ def evaluate(model, tokenizer, prompts, truths, args: Args, grid: list[int]) -> 
             "mean_think_len": round(ro.think_len.float().mean().item(), 1)}
 
 
+def eval_grid(args: Args) -> list[int]:
+    """Every args.eval_grid tokens up to the largest budget, which is always included."""
+    grid = list(range(args.eval_grid, args.max_think + 1, args.eval_grid))
+    return grid if grid and grid[-1] == args.max_think else grid + [args.max_think]
+
+
 def format_table(results: dict[str, dict]) -> str:
     """Budgets as columns, one row per named evaluation, plus the anytime score."""
     grid = next(iter(results.values()))["budgets"]
@@ -557,9 +563,7 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
     eval_path = os.path.join(args.out_dir, f"eval{tag}.jsonl")
     ckpt_path = os.path.join(args.out_dir, f"ckpt{tag}")
     prior = ar.budget_prior(args.prior, args.budgets)
-    grid = list(range(args.eval_grid, args.max_think + 1, args.eval_grid))
-    if grid[-1] != args.max_think:
-        grid.append(args.max_think)
+    grid = eval_grid(args)
     eval_prompts = [make_prompt(x["question"]) for x in eval_set]
     eval_truths = [x["answer"] for x in eval_set]
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -623,7 +627,7 @@ def main_demo(args: Args, device):
     train_set = [demo_problem(rng) for _ in range(20000)]
     eval_set = [demo_problem(random.Random(10_000 + i)) for i in range(args.eval_size)]
     os.makedirs(args.out_dir, exist_ok=True)
-    start = os.path.join(args.out_dir, "warmup")
+    start = os.path.join(args.out_dir, f"warmup-seed{args.seed}-{args.warmup_steps}steps")
     if os.path.isdir(start):
         from transformers import AutoModelForCausalLM
         print(f"using the warmed-up model in {start}")

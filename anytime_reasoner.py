@@ -37,8 +37,8 @@ vLLM on 8 GPUs, is followed where it and the paper differ):
  3. A trace that ended in EOS instead of `</think>` still gets summaries (all
     scored 0, per SPEC); its EOS token is trained with its segment's advantage.
  4. The loss is divided by a constant normaliser chosen by the caller
-    (train_small.py: traces x (largest budget + S*A*summary length)), not by
-    the number of tokens in the batch, so micro-batches add up exactly.
+    (train_small.py: traces x largest budget), not by the number of tokens in
+    the batch, so micro-batches add up exactly.
  5. The answer checker builds sympy expressions with its own small parser and
     never calls `sympify`/`parse_expr` (they `eval` model text).
  6. One PPO update per rollout batch by default, so the "old" log-probs are
@@ -55,7 +55,6 @@ from typing import Tuple, Union
 
 import sympy
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig
 
@@ -81,8 +80,8 @@ def format_prompt(tokenizer, question: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-        if "<think>" in text[-20:]:  # Qwen3-style templates already open the thinking block
-            return text if text.endswith("\n") else text + "\n"
+        if text.rstrip().endswith("<think>"):  # DeepSeek-R1-Distill templates open it already
+            return text.rstrip() + "\n"
         return text + "<think>\n"
     return content + "\n<think>\n"
 

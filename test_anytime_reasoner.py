@@ -781,3 +781,28 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.load(a / "ckpt" / "trainer_state.pt", weights_only=False)["step"] == 4
     same = ("reward", "acc", "think_len")
     assert [{k: x[k] for k in same} for x in rows(a)] == [{k: x[k] for k in same} for x in rows(b)]
+
+
+@pytest.mark.skipif(not os.path.isdir(GSM8K) or sys.platform == "win32", reason="needs GSM8K and SIGINT")
+def test_ctrl_c_saves_a_checkpoint(tmp_path):
+    import signal
+    model_dir = tmp_path / "tiny"
+    tok = ts.tiny_tokenizer()
+    ts.tiny_model(tok, hidden=32, layers=1).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "train_small.py"), "--model", str(model_dir),
+         "--data-dir", GSM8K, "--max-think", "16", "--questions-per-step", "2", "--traces", "2",
+         "--summary-max-tokens", "4", "--eval-size", "2", "--eval-every", "1000",
+         "--save-every", "1000", "--steps", "1000", "--device", "cpu", "--out-dir", str(tmp_path / "o")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:                   # wait for the first finished step
+        if line.startswith("step    1 |"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in out and "Traceback" not in err
+    state = torch.load(tmp_path / "o" / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert state["step"] >= 1

@@ -355,6 +355,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (weights stay fp32 for AdamW); plain fp32 elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -434,7 +439,7 @@ def evaluate(model, tokenizer, prompts, truths, args: Args, grid: list[int]) -> 
     bar, update = progress_bar(rows, "eval")
     model.eval()
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device):
         torch.manual_seed(args.seed + 12345)
         ro = ar.rollout(model, tokenizer, prompts, grid, 1, 1, args.eval_temperature,
                         args.summary_max_tokens, args.think_batch, args.summary_batch, progress=update)
@@ -482,7 +487,7 @@ def plot_curves(results: dict[str, dict], path: str) -> str:
         return text
     plt.figure(figsize=(5, 3.5))
     for name, r in results.items():
-        plt.plot(r["budgets"], r["accuracy"], marker="o", label=f"{name} ({r['anytime_score']:.3f})")
+        plt.plot(r["budgets"], r["accuracy"], marker="o", label=f"{name} (anytime {r['anytime_score']:.3f})")
     plt.xlabel("thinking budget (tokens)")
     plt.ylabel("accuracy")
     plt.legend()
@@ -504,8 +509,9 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     t0 = time.time()
     model.eval()
     bar, update = progress_bar(B * G * (1 + S * A), "rollout")
-    ro = ar.rollout(model, tokenizer, prompts, args.budgets, G, A, args.temperature,
-                    args.summary_max_tokens, args.think_batch, args.summary_batch, progress=update)
+    with autocast(device):
+        ro = ar.rollout(model, tokenizer, prompts, args.budgets, G, A, args.temperature,
+                        args.summary_max_tokens, args.think_batch, args.summary_batch, progress=update)
     if bar:
         bar.close()
     t_gen = time.time() - t0
@@ -521,20 +527,18 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     optimizer.zero_grad(set_to_none=True)
     traces = [(b, g) for b in range(B) for g in range(G)]
     stats = {"clipfrac": 0.0, "approx_kl": 0.0}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    mask_dtype = torch.bfloat16 if device.type == "cuda" else None  # match autocast's dtype
     for start in range(0, len(traces), args.micro_batch):
         mb = traces[start:start + args.micro_batch]
         packed = ar.pack_rollout(ro, tokenizer, mb)
         mb_idx = torch.tensor([b * G + g for b, g in mb])
         adv = ar.token_advantages(packed, think_adv[mb_idx], summ_adv[mb_idx]).to(device)
-        with autocast:
-            logprobs = ar.packed_logprobs(model, packed, args.chunk_size,
-                                          torch.bfloat16 if device.type == "cuda" else None)
+        with autocast(device):
+            logprobs = ar.packed_logprobs(model, packed, args.chunk_size, mask_dtype)
             ref = None
             if ref_model is not None:  # only when --kl-coef > 0
                 with torch.no_grad():
-                    ref = ar.packed_logprobs(ref_model, packed, args.chunk_size,
-                                             torch.bfloat16 if device.type == "cuda" else None)
+                    ref = ar.packed_logprobs(ref_model, packed, args.chunk_size, mask_dtype)
         mask = (packed.adv_index >= 0).to(device)
         # One update per rollout: the old policy is the current one, so no extra forward pass.
         loss, st = ar.policy_loss(logprobs, logprobs.detach(), adv, mask, normaliser, args.clip_eps,
@@ -545,13 +549,18 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
 
-    acc = ar.pooled_scores(scores, ro.prompt_index).mean((0, 1))               # S
+    r = ar.pooled_scores(scores, ro.prompt_index)                               # B,G,S
+    acc = r.mean((0, 1))                                                        # S
+    var = ar.variance_diagnostics(r.double(), prior.double(), ro.think_len, args.budgets)
     dt = time.time() - t0
     return {"reward": round(scores.mean().item(), 4), "acc": [round(x, 3) for x in acc.tolist()],
             "think_len": round(ro.think_len.float().mean().item(), 1),
             "clipfrac": round(stats["clipfrac"], 4), "approx_kl": round(stats["approx_kl"], 6),
             "grad_norm": round(float(grad_norm), 4), "gen_tok_s": round(gen_tokens / t_gen, 1),
-            "s_per_step": round(dt, 2)}
+            "s_per_step": round(dt, 2),
+            # SPEC 8: Var[R - V] / Var[R] per budget for V = V1, V2, BRPO (NaN: too few traces)
+            **{k: [round(x, 4) if x == x else None for x in v.tolist()]
+               for k, v in var.items() if k.startswith("var_ratio")}}
 
 
 def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device, tag="",

@@ -15,7 +15,7 @@ decoupled advantage.
 
 Run it:
     python train_small.py                      # one GPU, Qwen2.5-0.5B-Instruct on GSM8K
-    python train_small.py --demo               # CPU, offline, a few minutes
+    python train_small.py --demo               # CPU, offline, about 2 minutes
     python -m pytest -q test_anytime_reasoner.py
 
 Shapes used throughout (letters defined once, here):
@@ -675,12 +675,13 @@ class _BoxedStop:
         self.stop_len = [None] * rows
 
     def __call__(self, input_ids, scores, **kwargs):
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len:])
-        done = [_boxed_closed(t) for t in texts]
-        for r, d in enumerate(done):
-            if d and self.stop_len[r] is None:
+        # A box can only close on a token that holds a "}": decode just those rows, not all.
+        newest = self.tokenizer.convert_ids_to_tokens(input_ids[:, -1].tolist())
+        for r, piece in enumerate(newest):
+            if self.stop_len[r] is None and "}" in (piece or "") and \
+                    _boxed_closed(self.tokenizer.decode(input_ids[r, self.prompt_len:])):
                 self.stop_len[r] = input_ids.shape[1] - self.prompt_len
-        return torch.tensor(done, device=input_ids.device)
+        return torch.tensor([n is not None for n in self.stop_len], device=input_ids.device)
 
 
 def _boxed_closed(text: str) -> bool:
@@ -703,22 +704,33 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
 
     Rows are sorted by length (less padding), left-padded, and stop at EOS, at
     `think_end` if given, or after `max_new_tokens`. Returns the new tokens of
-    each row, cut after its first stop token, in the input order.
+    each row, cut after its first stop token, in the input order. Identical
+    sequences (the G traces of a question, the A summaries of a summary prompt)
+    are encoded once per batch: one forward fills their KV cache, which is then
+    copied to each of their rows.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = stop_ids(tokenizer)
     eos_for_gen = eos + (think_end if think_end and len(think_end) == 1 else [])
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), seqs[i]))  # copies side by side
     out: list[list[int]] = [[] for _ in seqs]
     device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        width = max(len(seqs[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):  # left padding: generation continues at the right edge
-            ids[r, width - len(seqs[i]):] = torch.tensor(seqs[i])
-            mask[r, width - len(seqs[i]):] = 1
+        distinct: dict[tuple, int] = {}  # sequence -> its row in ids
+        copy_of = torch.tensor([distinct.setdefault(tuple(seqs[i]), len(distinct)) for i in rows])
+        width = max(map(len, distinct))
+        ids = torch.full((len(distinct), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(distinct), width), dtype=torch.long)
+        for r, seq in enumerate(distinct):  # left padding: generation continues at the right edge
+            ids[r, width - len(seq):] = torch.tensor(seq)
+            mask[r, width - len(seq):] = 1
+        ids, mask, copy_of = ids.to(device), mask.to(device), copy_of.to(device)
+        cache = None
+        if len(distinct) < len(rows) and width > 1:  # encode all but the last token once, then copy
+            cache = _prefill(model, ids[:, :-1], mask[:, :-1])
+            cache.batch_select_indices(copy_of)
+        ids, mask = ids[copy_of], mask[copy_of]
         criteria = []
         if think_end and len(think_end) > 1:
             criteria.append(_ThinkEndStop(tokenizer, think_end, width))
@@ -732,9 +744,8 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
             top_k=0 if temperature > 0 else None, top_p=1.0 if temperature > 0 else None,
             repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_for_gen,
             pad_token_id=pad)
-        gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-            stopping_criteria=criteria or None)
+        gen = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                             generation_config=config, stopping_criteria=criteria or None)
         for r, i in enumerate(rows):
             new = gen[r, width:].tolist()
             n, _ = _first_stop(new, set(eos), think_end or [], tokenizer)
@@ -744,6 +755,14 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
         if progress is not None:
             progress(len(rows))
     return out
+
+
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """KV cache of left-padded ids (U,W), with the position ids `generate` gives them."""
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    base = getattr(model, model.base_model_prefix)  # no output layer: no U x W x V logits
+    return base(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                use_cache=True).past_key_values
 
 
 def summary_prompts(length: int, why: str, budgets: list[int]) -> tuple[list[int], list[bool], list[int]]:
@@ -802,7 +821,8 @@ def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces
                 shared = [k for k in range(S) if idx[k] == s]
                 jobs.append((b, g, shared, prompt_ids[b] + think[:c[s]] + inserts[t[s]]))
 
-    # 3. A summaries per budget; a prompt shared by k budgets is sampled k*A times, once
+    # 3. A summaries per budget; a prompt shared by k budgets is sampled k*A times and
+    #    encoded once (generate() shares the KV cache of identical rows)
     rows = [ids for (_, _, shared, ids) in jobs for _ in range(len(shared) * A)]
     sampled = generate(model, tokenizer, rows, summary_max_tokens, temperature,
                        summary_batch_size, stop_at_box=stop_at_box, progress=progress)
@@ -1117,16 +1137,16 @@ def anytime_accuracy(scores: torch.Tensor, prompt_index: torch.Tensor | None = N
     return pooled_scores(scores.float(), prompt_index).mean((0, 1))
 
 
-def evaluate(model, tokenizer, questions: list[str], truths: list[str], budgets: list[int],
+def evaluate(model, tokenizer, prompts: list[str], truths: list[str], budgets: list[int],
              temperature: float = 0.6, summary_max_tokens: int = 64, think_batch_size: int = 64,
              summary_batch_size: int = 256, progress=None) -> dict:
-    """Anytime accuracy of one trace and one summary per question on a budget grid."""
-    prompts = [format_prompt(tokenizer, q) for q in questions]
+    """Anytime accuracy of one trace and one summary per prompt at every budget of a grid."""
     ro = rollout(model, tokenizer, prompts, budgets, 1, 1, temperature, summary_max_tokens,
                  think_batch_size, summary_batch_size, progress=progress)
     acc = anytime_accuracy(score_rollout(ro, truths), ro.prompt_index)
-    return {"budgets": list(budgets), "accuracy": acc.tolist(), "anytime_score": acc.mean().item(),
-            "mean_think_len": ro.think_len.float().mean().item()}
+    return {"budgets": list(budgets), "accuracy": [round(x, 4) for x in acc.tolist()],
+            "anytime_score": round(acc.mean().item(), 4),
+            "mean_think_len": round(ro.think_len.float().mean().item(), 1)}
 
 
 def _masked_var(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

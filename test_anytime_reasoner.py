@@ -288,6 +288,18 @@ def test_rollout_closes_on_think_end_and_pools():
     assert all(packed.adv_index[0, i].item() == -1 for i in starts)
 
 
+def test_generate_shares_identical_rows_exactly():
+    """Identical rows are encoded once and their KV cache copied: greedy outputs must equal
+    those of generating each sequence alone."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=3).eval()
+    x, y = ar.encode(tok, "abc>d\n<think>\n"), ar.encode(tok, "q\n<think>\n12")
+    together = ar.generate(model, tok, [x, y, x, x, y], 10, temperature=0.0, batch_size=8)
+    alone = [ar.generate(model, tok, [s], 10, temperature=0.0, batch_size=1)[0] for s in (x, y)]
+    assert together == [alone[0], alone[1], alone[0], alone[0], alone[1]]
+    assert all(len(t) > 0 for t in together)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_logprobs_match_unpacked(tiny, attn):
     tok, model, ro = tiny

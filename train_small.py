@@ -5,7 +5,7 @@
     python train_small.py --model Qwen/Qwen3-0.6B          # native thinking, </think> is one token
     python train_small.py --data-dir ../shared/gsm8k       # local GSM8K (else downloaded once)
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
-    python train_small.py --demo                           # CPU, offline, ~5 minutes: see the effect
+    python train_small.py --demo                           # CPU, offline, ~2 minutes: see the effect
 
 The algorithm lives in anytime_reasoner.py; this file is plumbing (arguments,
 data, model loading, checkpoints, logging) around one training loop, `train`.
@@ -135,7 +135,7 @@ def parse_args(argv=None) -> Args:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
     a = p.parse_args(argv)
     if a.demo and a.resume:
-        die("--resume continues a real run; the demo takes a few minutes, run it again instead")
+        die("--resume continues a real run; the demo takes two minutes, run it again instead")
 
     # defaults: resumed run < mode defaults < preset < explicit flags
     base = dict(DEFAULTS, **(DEMO if a.demo else {}))
@@ -381,17 +381,33 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can we reach the Hugging Face hub? (Saves a minute of retries when offline.)"""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_model(name: str, device: torch.device):
-    """from_pretrained, or one clear message that says what to do."""
+    """from_pretrained (from the local cache when offline), or one clear message that says what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = torch.float32  # fp32 master weights; the loss runs under bf16 autocast on a GPU
+    offline = not os.path.isdir(name) and not hub_reachable()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
     except Exception as e:  # OSError, ValueError, connection errors...: all mean "not loadable"
-        die(f"could not load model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-            "Check the name, or on a machine with internet run `huggingface-cli download "
-            f"{name}` and pass --model with the local folder.")
+        why = "no internet and not in the local Hugging Face cache" if offline else \
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        die(f"could not load model {name!r} ({why}). Check the name, or on a machine with "
+            f"internet run `huggingface-cli download {name}` and pass --model with the local folder.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -432,23 +448,18 @@ def progress_bar(total: int, desc: str):
 # ----------------------------------------------------------------------------
 
 def evaluate(model, tokenizer, prompts, truths, args: Args, grid: list[int]) -> dict:
-    """Anytime accuracy of one trace and one summary per question at every budget of `grid`.
-    Runs on its own fixed random stream: evaluations are comparable across steps, and the
-    training stream is untouched (so a resumed run continues exactly)."""
-    rows = len(prompts) * (1 + len(grid))
-    bar, update = progress_bar(rows, "eval")
+    """ar.evaluate on its own fixed random stream: evaluations are comparable across steps,
+    and the training stream is untouched (so a resumed run continues exactly)."""
+    bar, update = progress_bar(len(prompts) * (1 + len(grid)), "eval")
     model.eval()
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device):
         torch.manual_seed(args.seed + 12345)
-        ro = ar.rollout(model, tokenizer, prompts, grid, 1, 1, args.eval_temperature,
-                        args.summary_max_tokens, args.think_batch, args.summary_batch, progress=update)
+        result = ar.evaluate(model, tokenizer, prompts, truths, grid, args.eval_temperature,
+                             args.summary_max_tokens, args.think_batch, args.summary_batch, update)
     if bar:
         bar.close()
-    acc = ar.anytime_accuracy(ar.score_rollout(ro, truths), ro.prompt_index)
-    return {"budgets": grid, "accuracy": [round(x, 4) for x in acc.tolist()],
-            "anytime_score": round(acc.mean().item(), 4),
-            "mean_think_len": round(ro.think_len.float().mean().item(), 1)}
+    return result
 
 
 def eval_grid(args: Args) -> list[int]:

@@ -818,3 +818,16 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     assert "--resume" in out and "Traceback" not in err
     state = torch.load(tmp_path / "o" / "ckpt" / "trainer_state.pt", weights_only=False)
     assert state["step"] >= 1
+
+
+def test_format_prompt_opens_thinking_once():
+    tok = ts.tiny_tokenizer()
+    assert ar.format_prompt(tok, "2+2?").endswith("\n<think>\n")           # no chat template
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\\n' }}")  # Qwen2.5 / Qwen3 style
+    p = ar.format_prompt(tok, "2+2?")
+    assert p.endswith("<|im_start|>assistant\n<think>\n") and p.count("<think>\n") == 1
+    assert "2+2?" in p and ar.INSTRUCTION in p
+    tok.chat_template = "{{ messages[0]['content'] }}{{ '<|Assistant|><think>\\n' }}"  # R1-Distill opens it
+    p = ar.format_prompt(tok, "2+2?")
+    assert p.endswith("<|Assistant|><think>\n") and p.count("<think>\n") == 1

@@ -691,7 +691,8 @@ def main(argv=None):
     eval_set = load_gsm8k("test", args.data_dir)[:args.eval_size]
     seed_everything(args.seed)
     model, tokenizer = load_model(args.resume or args.model, device)
-    model.gradient_checkpointing_enable()
+    # recompute activations in backward: memory for speed (transformers 5 renamed the method)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = True  # generate() still uses the KV cache in eval mode
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {device}; "
           f"preset {args.preset}, budgets {args.budgets}, prior {args.prior}")

@@ -18,6 +18,11 @@ Run it:
     python train_small.py --demo               # CPU, offline, about 2 minutes
     python -m pytest -q test_anytime_reasoner.py
 
+Reading order: sections 1, 3-10 are the algorithm (about 750 lines). Section 2,
+the answer checker, is long only because it must be safe on model text (no eval,
+bounded time); skip it on a first read, it is two functions: extract_answer and
+answers_match.
+
 Shapes used throughout (letters defined once, here):
     B questions, G thinking traces per question, S budgets, A summaries per
     (trace, budget), N = B*G traces, T tokens of a packed sequence,

@@ -95,6 +95,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def insert_ids(tokenizer) -> dict[bool, list[int]]:
+    """Token ids of the inserted (never trained) text, keyed by `truncated`."""
+    return {True: encode(tokenizer, TRUNCATED_INSERT), False: encode(tokenizer, CLOSED_INSERT)}
+
+
 def stop_ids(tokenizer) -> list[int]:
     """Token ids that end a generation: EOS (and the chat end-of-turn token if any)."""
     ids = {tokenizer.eos_token_id}
@@ -813,7 +818,7 @@ def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces
     prompt_index = torch.zeros(B, G, S, dtype=torch.long)
     closed = torch.zeros(B, G, dtype=torch.bool)
     ended_eos = torch.zeros(B, G, dtype=torch.bool)
-    inserts = {True: encode(tokenizer, TRUNCATED_INSERT), False: encode(tokenizer, CLOSED_INSERT)}
+    inserts = insert_ids(tokenizer)
     jobs = []  # (b, g, budgets sharing the prompt, token ids)
     for b in range(B):
         for g in range(G):
@@ -1015,7 +1020,7 @@ def pack_trace(prompt: list[int], think: list[int], budgets: list[int], cuts: li
 
 def pack_rollout(ro: Rollout, tokenizer, traces: list[tuple[int, int]] | None = None) -> Packed:
     """Pack the given (b, g) traces (all by default) into one right-padded batch."""
-    inserts = {True: encode(tokenizer, TRUNCATED_INSERT), False: encode(tokenizer, CLOSED_INSERT)}
+    inserts = insert_ids(tokenizer)
     B, G = len(ro.think_ids), len(ro.think_ids[0])
     traces = traces if traces is not None else [(b, g) for b in range(B) for g in range(G)]
     rows = [pack_trace(ro.prompt_ids[b], ro.think_ids[b][g], ro.budgets, ro.cuts[b, g].tolist(),

@@ -140,7 +140,7 @@ def plain_generate(model, tok, seqs, max_new: int, batch_size: int, stop: list[i
 def plain_rollout(model, tok, prompts, budgets, c) -> int:
     """Think once per trace, then S*A summary rows per trace; returns the tokens generated."""
     think_end, eos = ar.encode(tok, ar.THINK_END), ar.stop_ids(tok)
-    inserts = {True: ar.encode(tok, ar.TRUNCATED_INSERT), False: ar.encode(tok, ar.CLOSED_INSERT)}
+    inserts = ar.insert_ids(tok)
     prompt_ids = [ar.encode(tok, p) for p in prompts for _ in range(c.G)]
     thinking = plain_generate(model, tok, prompt_ids, budgets[-1], c.think_batch, eos + think_end)
     rows = []
@@ -173,7 +173,7 @@ def unpacked_batch(ro: ar.Rollout, tok, traces) -> tuple[ar.Packed, torch.Tensor
     """The trained tokens of pack_rollout(ro, tok, traces) as plain causal rows: per trace
     prompt+thinking, and prompt+thinking[:cut]+insert+summary per summary.
     Returns the rows (as a Packed with a causal mask), each row's trace, and the token count."""
-    inserts = {True: ar.encode(tok, ar.TRUNCATED_INSERT), False: ar.encode(tok, ar.CLOSED_INSERT)}
+    inserts = ar.insert_ids(tok)
     S, rows, owner = len(ro.budgets), [], []               # rows: (ids, adv_index)
     for n, (b, g) in enumerate(traces):
         P, think = ro.prompt_ids[b], ro.think_ids[b][g]

@@ -566,18 +566,6 @@ def _numbers_close(a: sympy.Expr, b: sympy.Expr) -> bool:
     return bool(diff <= scale * sympy.Rational(1, 10**6) or diff < sympy.Float("1e-20", 30))
 
 
-def score_summary(summary_text: str, truth: str, ended_in_eos: bool) -> float:
-    """SPEC 3: 1.0 if the answer is right AND exactly one `</think>` was seen, else 0.
-
-    Both summary prompts already hold exactly one `</think>` (the trace's own or
-    the inserted one), so a summary is well formatted iff it adds none. A trace
-    that ended in EOS instead of `</think>` scores 0 at every budget.
-    """
-    if ended_in_eos or THINK_END in summary_text:
-        return 0.0
-    return float(answers_match(extract_answer(ANSWER_HEADING + "\n" + summary_text), truth))
-
-
 # ----------------------------------------------------------------------------
 # 3. Budgets and the budget prior
 # ----------------------------------------------------------------------------
@@ -644,6 +632,10 @@ class Rollout:
     @property
     def think_len(self) -> torch.Tensor:  # B,G
         return torch.tensor([[len(t) for t in row] for row in self.think_ids])
+
+    @property
+    def cut_has_eos(self) -> torch.Tensor:  # B,G,S: the summary prompt holds the trace's EOS
+        return self.ended_eos[..., None] & (self.cuts == self.think_len[..., None])
 
 
 def _first_stop(tokens: list[int], eos: set[int], think_end: list[int],
@@ -780,14 +772,15 @@ def summary_prompts(length: int, why: str, budgets: list[int]) -> tuple[list[int
 
     Returns (cuts[S], truncated[S], prompt_index[S]). A trace that closed with
     `</think>` within b_s is shown whole, with no ellipsis; otherwise it is cut
-    at b_s and gets the "..." insert. Budgets whose prompts come out identical
-    point (prompt_index) at the first of them.
+    at b_s and gets the "..." insert. A trace that ended in EOS is cut like a
+    running one, so from the budget that reaches its EOS on, the cut includes
+    that EOS (as the authors do; those budgets score 0, see score_rollout).
+    Budgets whose prompts come out identical point (prompt_index) at the first.
     """
-    shown = length - 1 if why == "eos" else length  # an EOS is never shown to the summary
     cuts, truncated, index = [], [], []
     for s, b in enumerate(budgets):
         whole = why == "think" and length <= b
-        cuts.append(length if whole else min(b, shown))
+        cuts.append(length if whole else min(b, length))
         truncated.append(not whole)
         same = [k for k in range(s) if cuts[k] == cuts[s] and truncated[k] == truncated[s]]
         index.append(same[0] if same else s)
@@ -796,7 +789,7 @@ def summary_prompts(length: int, why: str, budgets: list[int]) -> tuple[list[int
 
 def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces: int,
             num_summaries: int, temperature: float = 1.0, summary_max_tokens: int = 64,
-            think_batch_size: int = 64, summary_batch_size: int = 256, stop_at_box: bool = True,
+            think_batch_size: int = 64, summary_batch_size: int = 256, stop_at_box: bool = False,
             progress=None) -> Rollout:
     """SPEC 2: G traces per prompt up to the last budget, then A summaries per (trace, budget).
 
@@ -854,10 +847,24 @@ def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces
 # 5. Rewards
 # ----------------------------------------------------------------------------
 
+def score_summary(summary_text: str, truth: str, cut_has_eos: bool = False) -> float:
+    """SPEC 3: 1.0 if the answer is right AND exactly one `</think>` was seen, else 0.
+
+    Both summary prompts already hold exactly one `</think>` (the trace's own or
+    the inserted one), so a summary is well formatted iff it adds none. A summary
+    whose prompt holds the trace's EOS (a trace that ended in EOS, at the budgets
+    that reach it) scores 0; budgets cut before that EOS are graded normally.
+    """
+    if cut_has_eos or THINK_END in summary_text:
+        return 0.0
+    return float(answers_match(extract_answer(ANSWER_HEADING + "\n" + summary_text), truth))
+
+
 def score_rollout(ro: Rollout, truths: list[str]) -> torch.Tensor:
     """Score of every summary, Tensor[B, G, S, A] of 0/1 (SPEC 3)."""
-    return torch.tensor([[[[score_summary(text, truths[b], bool(ro.ended_eos[b, g]))
-                            for text in per_budget] for per_budget in per_trace]
+    has_eos = ro.cut_has_eos                                                    # B,G,S
+    return torch.tensor([[[[score_summary(text, truths[b], bool(has_eos[b, g, s])) for text in per_budget]
+                           for s, per_budget in enumerate(per_trace)]
                           for g, per_trace in enumerate(per_question)]
                          for b, per_question in enumerate(ro.summary_text)])
 

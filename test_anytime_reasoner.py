@@ -153,8 +153,9 @@ def test_summary_prompts():
     assert ar.summary_prompts(6, "think", budgets) == ([4, 6, 6, 6], [True, False, False, False], [0, 1, 1, 1])
     # still running at the last budget: cut at every budget, ellipsis everywhere, no pooling
     assert ar.summary_prompts(16, "max", budgets) == (budgets, [True] * 4, [0, 1, 2, 3])
-    # ended in EOS after 6 tokens: the EOS is never shown, later budgets pool, ellipsis kept
-    assert ar.summary_prompts(6, "eos", budgets) == ([4, 5, 5, 5], [True] * 4, [0, 1, 1, 1])
+    # ended in EOS after 6 tokens (the authors' rule): cut like a running trace, so from
+    # budget 1 on the cut holds the whole trace, its EOS included; later budgets pool
+    assert ar.summary_prompts(6, "eos", budgets) == ([4, 6, 6, 6], [True] * 4, [0, 1, 1, 1])
     # closing exactly on a budget counts as closed within it
     assert ar.summary_prompts(8, "think", budgets) == ([4, 8, 8, 8], [True, False, False, False], [0, 1, 1, 1])
     assert ar.summary_prompts(16, "think", budgets) == ([4, 8, 12, 16], [True, True, True, False], [0, 1, 2, 3])
@@ -440,11 +441,11 @@ def test_variance_diagnostics_against_numpy():
 # ----------------------------------------------------------------------------
 
 def test_score_summary_format_rules():
-    assert ar.score_summary("The answer is \\boxed{18}.", "18", ended_in_eos=False) == 1.0
-    assert ar.score_summary("\\boxed{18}", "18", ended_in_eos=True) == 0.0          # no </think>
-    assert ar.score_summary("</think> \\boxed{18}", "18", ended_in_eos=False) == 0.0  # two </think>
-    assert ar.score_summary("\\boxed{17}", "18", ended_in_eos=False) == 0.0
-    assert ar.score_summary("no box", "18", ended_in_eos=False) == 0.0
+    assert ar.score_summary("The answer is \\boxed{18}.", "18", cut_has_eos=False) == 1.0
+    assert ar.score_summary("\\boxed{18}", "18", cut_has_eos=True) == 0.0          # no </think>
+    assert ar.score_summary("</think> \\boxed{18}", "18", cut_has_eos=False) == 0.0  # two </think>
+    assert ar.score_summary("\\boxed{17}", "18", cut_has_eos=False) == 0.0
+    assert ar.score_summary("no box", "18", cut_has_eos=False) == 0.0
 
 
 # ----------------------------------------------------------------------------

@@ -32,22 +32,33 @@ Where this file departs from the paper (the authors' code, a verl fork with
 vLLM on 8 GPUs, is followed where it and the paper differ):
  1. Rollouts use Hugging Face `generate` (no vLLM). Thinking stops at the
     first `</think>` (one special token or several ordinary ones), EOS, or the
-    last budget. Summaries stop at EOS or, by default, as soon as the boxed
-    answer in the "**Final Answer**" paragraph is closed (saves tokens; the
-    authors let them run to EOS or 118 tokens).
+    last budget. Summaries run to EOS or `summary_max_tokens`, as the authors'
+    (they cap them at 118 tokens); `stop_at_box=True` stops each one as soon as
+    its box closes, a shortcut that never samples or trains the summary's EOS.
  2. Budgets whose summary prompts are identical (a trace that closed before
-    them, or one that ended in EOS) share one prompt: its summaries are
-    sampled once (A per budget that collapsed) and pooled, as the authors do.
-    The same pooling also covers the sibling baseline of the summaries.
- 3. A trace that ended in EOS instead of `</think>` still gets summaries (all
-    scored 0, per SPEC); its EOS token is trained with its segment's advantage.
- 4. The loss is divided by a constant normaliser chosen by the caller
-    (train_small.py: traces x largest budget), not by the number of tokens in
-    the batch, so micro-batches add up exactly.
- 5. The answer checker builds sympy expressions with its own small parser and
+    them, or whose EOS they reach) share one prompt, sampled once with A
+    summaries per budget that collapsed, as the authors do. The authors then
+    give each collapsed budget the mean of its own chunk of A samples; here
+    r[g, s] is the mean of all k*A samples of the shared prompt (same
+    expectation; for a prompt shared by k budgets, 1/k of the variance). The
+    sibling baseline of those summaries (A > 1) is that pooled mean in both.
+    With A = 1 the summary baseline is, as the authors', the mean over the G
+    traces of each budget slot's own score.
+ 3. The loss is summed over trained tokens and divided by a constant,
+    traces in the update x largest budget, so micro-batches add up exactly
+    (the authors average over each micro-batch's padded rows x length).
+ 4. The answer checker builds sympy expressions with its own small parser and
     never calls `sympify`/`parse_expr` (they `eval` model text).
- 6. One PPO update per rollout batch by default, so the "old" log-probs are
-    the detached current ones and no extra forward pass is made.
+ 5. Summary advantage "grpo" with A > 1 trains all A summaries of the last
+    budget; the authors' code trains only the last of them (no paper run uses
+    that combination).
+Followed as the authors do, where SPEC or the paper leave room: a trace that
+ends in EOS is cut like a running one, so the budgets that reach its EOS see it
+in their summary prompt and score 0, and earlier budgets are graded normally;
+PPO makes 2 updates per rollout (mini-batches of half the traces) against old
+log-probs computed once, with the 0.2 clip (train_small.py; 1 update is the
+fast on-policy path); the loss uses log softmax(logits / temperature), the
+distribution the rollout sampled from; AdamW weight decay 0.01.
 """
 from __future__ import annotations
 
@@ -953,15 +964,18 @@ def summary_advantages(scores: torch.Tensor, method: str = "brpo",
 
     A > 1: baseline = mean of the sibling summaries of the same prompt (pooled
     over budgets that share the prompt when prompt_index, B,G,S, is given).
-    A == 1: baseline = mean over the G traces of the score at that budget.
+    A == 1: baseline = mean over the G traces of the score in that budget slot,
+    each slot's own sample, not pooled (as the authors; with G = 1 the advantage is 0).
     brpo (decoupled): every budget's summaries learn, unweighted by the prior.
     grpo: only the last budget's summaries get an advantage.
     """
     if method not in SUMMARY_METHODS:
         raise ValueError(f"unknown summary method {method!r}; choose one of {SUMMARY_METHODS}")
     A = scores.shape[-1]
-    r = pooled_scores(scores, prompt_index)                              # B,G,S
-    baseline = r if A > 1 else r.mean(1, keepdim=True)                   # B,G,S or B,1,S
+    if A > 1:
+        baseline = pooled_scores(scores, prompt_index)                   # B,G,S
+    else:
+        baseline = scores[..., 0].mean(1, keepdim=True)                  # B,1,S
     adv = scores - baseline.unsqueeze(-1)
     if method == "grpo":
         adv = adv * (torch.arange(scores.shape[2]) == scores.shape[2] - 1).to(adv.dtype)[:, None]
@@ -1061,16 +1075,20 @@ def packed_attention_mask(prefix_len: torch.Tensor, block_start: torch.Tensor,
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _chunk_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def _chunk_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
     logits = lm_head(hidden).float()                                 # C,V (only C rows at a time)
+    if temperature != 1.0:
+        logits = logits / temperature  # the policy that sampled: softmax(logits / T) (the authors too)
     return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
                    attention_mask: torch.Tensor, trained: torch.Tensor,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token i | its branch) at every trained position, 0 elsewhere.  -> N,T
 
+    pi = softmax(logits / temperature), the distribution the rollout sampled from.
     One forward of the base model gives hidden states H; the output layer and
     log-softmax run on `chunk_size` trained positions at a time under
     activation checkpointing, so no N x T x V float32 tensor ever exists.
@@ -1083,8 +1101,8 @@ def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
     tok = input_ids[:, 1:][sel]                                      # M
     lm_head = model.get_output_embeddings()
     parts = [checkpoint(_chunk_logprobs, lm_head, h[c:c + chunk_size], tok[c:c + chunk_size],
-                        use_reentrant=False) if torch.is_grad_enabled()
-             else _chunk_logprobs(lm_head, h[c:c + chunk_size], tok[c:c + chunk_size])
+                        temperature, use_reentrant=False) if torch.is_grad_enabled()
+             else _chunk_logprobs(lm_head, h[c:c + chunk_size], tok[c:c + chunk_size], temperature)
              for c in range(0, h.shape[0], chunk_size)]
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out[:, 1:] = out[:, 1:].masked_scatter(sel, torch.cat(parts) if parts else h.new_zeros(0).float())
@@ -1092,13 +1110,13 @@ def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
 
 
 def packed_logprobs(model, packed: Packed, chunk_size: int = 1024,
-                    mask_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    mask_dtype: torch.dtype | None = None, temperature: float = 1.0) -> torch.Tensor:
     """token_logprobs for a Packed batch on the model's device.  -> N,T"""
     device = next(model.parameters()).device
     dtype = mask_dtype or next(model.parameters()).dtype
     mask = packed_attention_mask(packed.prefix_len.to(device), packed.block_start.to(device), dtype)
     return token_logprobs(model, packed.input_ids.to(device), packed.position_ids.to(device), mask,
-                          (packed.adv_index >= 0).to(device), chunk_size)
+                          (packed.adv_index >= 0).to(device), chunk_size, temperature)
 
 
 def token_advantages(packed: Packed, thinking_adv: torch.Tensor,

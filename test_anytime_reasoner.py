@@ -8,7 +8,9 @@ forwards; the loss gradient against the REINFORCE form.
 """
 import ast
 import builtins
+import copy
 import json
+import math
 import os
 import random
 import subprocess
@@ -36,6 +38,9 @@ def test_budget_priors():
     assert torch.allclose(ar.budget_prior("uniform", b), torch.full((4,), 0.25))
     assert torch.allclose(ar.budget_prior("linear", b), torch.tensor([0.1, 0.2, 0.3, 0.4]))
     assert torch.equal(ar.budget_prior("base", b), torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    # linear is proportional to the budget in tokens, not to its index (uneven budgets)
+    assert torch.allclose(ar.budget_prior("linear", [100, 300, 600]), torch.tensor([0.1, 0.3, 0.6]))
+    assert torch.allclose(ar.budget_prior("uniform", [100, 300, 600]), torch.full((3,), 1 / 3))
     assert ar.evenly_spaced_budgets(8000, 4) == [2000, 4000, 6000, 8000]
     assert ar.evenly_spaced_budgets(512, 1) == [512]
 
@@ -395,13 +400,19 @@ def test_loss_clips_and_reports():
 
 
 def test_loss_kl_to_reference():
-    lp = torch.zeros(1, 2, requires_grad=True)
-    ref = torch.tensor([[0.5, -0.5]])
+    """k3 estimate of KL(pi || ref) per token (the authors' low_var_kl): with d = log ref - log pi,
+    kl = e^d - d - 1. Asymmetric values, so the other direction (d -> -d) gives another number."""
+    lp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[0.5, -0.8]])                   # d = [0.5, 0.2]
     mask = torch.ones(1, 2, dtype=torch.bool)
     loss, stats = ar.policy_loss(lp, lp.detach(), torch.zeros(1, 2), mask, 2.0, ref_logprobs=ref, kl_coef=0.1)
-    d = ref
-    assert loss.item() == pytest.approx(0.1 * (d.exp() - d - 1).sum().item() / 2.0)
-    assert "ref_kl" in stats
+    k3 = (math.exp(0.5) - 0.5 - 1) + (math.exp(0.2) - 0.2 - 1)          # 0.14872 + 0.02140
+    flipped = (math.exp(-0.5) + 0.5 - 1) + (math.exp(-0.2) + 0.2 - 1)   # 0.10653 + 0.01873
+    assert loss.item() == pytest.approx(0.1 * k3 / 2.0, rel=1e-5)
+    assert abs(loss.item() - 0.1 * flipped / 2.0) > 1e-3
+    assert stats["ref_kl"] == pytest.approx(k3 / 2, rel=1e-5)
+    loss.backward()   # d/d lp of (e^d - d - 1) = 1 - e^d < 0 for d > 0: the loss pulls pi up towards ref
+    assert torch.allclose(lp.grad, 0.1 * (1 - torch.tensor([[0.5, 0.2]]).exp()) / 2.0)
 
 
 # ----------------------------------------------------------------------------
@@ -434,6 +445,327 @@ def test_variance_diagnostics_against_numpy():
             assert out[f"var_ratio_{name}"][s].item() == pytest.approx(np.var(Rs - V) / np.var(Rs), rel=1e-6)
             if np.std(V) > 0:
                 assert out[f"corr_{name}"][s].item() == pytest.approx(np.corrcoef(V, Rs)[0, 1], rel=1e-6)
+
+
+# ----------------------------------------------------------------------------
+# the glue: rollout -> rewards -> advantages -> packed rows -> update
+# ----------------------------------------------------------------------------
+
+EOS_ID, THINK_ID = 1, 99   # token ids used by the hand-built rollouts below
+
+
+def hand_rollout(traces, budgets, texts, A=1, prompt=(7, 7)):
+    """A Rollout built by hand: traces[b][g] = (length, why), why in think/eos/max; every summary
+    gets text texts[b][g][s] (or one text for all). The rule under test decides the rest."""
+    B, G, S = len(traces), len(traces[0]), len(budgets)
+    think_ids, cuts, trunc, index = [], torch.zeros(B, G, S, dtype=torch.long), \
+        torch.zeros(B, G, S, dtype=torch.bool), torch.zeros(B, G, S, dtype=torch.long)
+    closed, ended = torch.zeros(B, G, dtype=torch.bool), torch.zeros(B, G, dtype=torch.bool)
+    for b in range(B):
+        think_ids.append([])
+        for g, (n, why) in enumerate(traces[b]):
+            last = {"think": [THINK_ID], "eos": [EOS_ID], "max": [10]}[why]
+            think_ids[b].append([10 + k for k in range(n - 1)] + last)
+            closed[b, g], ended[b, g] = why == "think", why == "eos"
+            c, t, i = ar.summary_prompts(n, why, budgets)
+            cuts[b, g], trunc[b, g], index[b, g] = torch.tensor(c), torch.tensor(t), torch.tensor(i)
+    text = (lambda b, g, s: texts) if isinstance(texts, str) else (lambda b, g, s: texts[b][g][s])
+    summary_text = [[[[text(b, g, s)] * A for s in range(S)] for g in range(G)] for b in range(B)]
+    summary_ids = [[[[[20, EOS_ID]] * A for s in range(S)] for g in range(G)] for b in range(B)]
+    return ar.Rollout(budgets, [list(prompt)] * B, think_ids, closed, ended, cuts, trunc, index,
+                      summary_ids, summary_text)
+
+
+def test_score_rollout_eos_rule():
+    """SPEC 3 (the authors' rule): a trace that ended in EOS scores 0 only at the budgets whose
+    summary prompt holds that EOS; budgets cut before it, and traces that merely ran out of
+    budget or closed with </think>, are graded normally."""
+    budgets = [4, 8, 12]
+    ro = hand_rollout([[(6, "eos"), (12, "max"), (5, "think"), (12, "eos")]], budgets, "\\boxed{7}")
+    assert ro.cuts[0].tolist() == [[4, 6, 6], [4, 8, 12], [4, 5, 5], [4, 8, 12]]
+    assert ro.cut_has_eos[0].tolist() == [[False, True, True], [False] * 3, [False] * 3,
+                                          [False, False, True]]
+    scores = ar.score_rollout(ro, ["7"])
+    assert scores[0, :, :, 0].tolist() == [[1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]]
+    assert ar.score_rollout(ro, ["8"]).sum() == 0                      # a wrong answer: 0 everywhere
+    # a </think> written by the summary breaks the one-</think> format rule
+    ro = hand_rollout([[(5, "think"), (12, "max")]], budgets, "\\boxed{7}" + ar.THINK_END)
+    assert ar.score_rollout(ro, ["7"]).sum() == 0
+
+
+def test_rollout_advantages_pool_collapsed_budgets():
+    """rollout_advantages: trace 0 closed before budget 1, so budgets 1 and 2 share one prompt and
+    its 2A summaries are pooled for r (the thinking return) and for the sibling baseline.
+    Worked by hand: uniform prior (1/3 each), thinking baseline grpo (V2), summaries brpo."""
+    ro = hand_rollout([[(5, "think"), (12, "max")]], [4, 8, 12], "", A=2)
+    assert ro.prompt_index[0].tolist() == [[0, 1, 1], [0, 1, 2]]
+    scores = torch.tensor([[[[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]],        # trace 0: r = .5 .5 .5 pooled
+                            [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]]])      # trace 1: r = 0 0 1
+    prior = ar.budget_prior("uniform", [4, 8, 12])
+    think, summ = ar.rollout_advantages(ro, scores, prior, "grpo", "brpo")
+    # R0 = [.5, 1/3, 1/6], R1 = [1/3, 1/3, 1/3], V2 = [5/12, 1/3, 1/4]
+    assert think.shape == (2, 3) and summ.shape == (2, 3, 2)
+    assert torch.allclose(think, torch.tensor([[1 / 12, 0.0, -1 / 12], [-1 / 12, 0.0, 1 / 12]]))
+    assert torch.allclose(summ[0], torch.tensor([[0.5, -0.5], [0.5, 0.5], [-0.5, -0.5]]))
+    assert torch.allclose(summ[1], torch.zeros(3, 2))
+
+
+def test_summary_advantages_one_summary_uses_the_slot_scores():
+    """A = 1 (the authors): the baseline of a summary is the mean over the G traces of the score in
+    its own budget slot, not the pooled score of a collapsed prompt; with G = 1 it is 0."""
+    index = torch.tensor([[[0, 1, 1], [0, 1, 2]]])                       # trace 0 collapsed at 1, 2
+    scores = torch.tensor([[[[1.0], [0.0], [1.0]], [[0.0], [0.0], [0.0]]]])
+    adv = ar.summary_advantages(scores, "brpo", index)[0, :, :, 0]
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.0, 0.5], [-0.5, 0.0, -0.5]]))
+    adv = ar.summary_advantages(scores, "grpo", index)[0, :, :, 0]        # last budget only
+    assert torch.allclose(adv, torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, -0.5]]))
+    one = ar.summary_advantages(scores[:, :1], "brpo", index[:, :1])
+    assert torch.equal(one, torch.zeros_like(one))
+
+
+def test_token_advantages_exact_per_summary(tiny):
+    """Summary a at budget s of trace n gets exactly summary_adv[n, s, a] on every one of its
+    tokens (S = 3 != A = 2, all values distinct); thinking token t gets thinking_adv[n, s] of the
+    segment b_{s-1} <= t < b_s; prompt and inserted text get 0."""
+    tok, _, ro = tiny
+    packed = ar.pack_rollout(ro, tok)
+    N, S, A = 6, 3, 2
+    think_adv = torch.arange(N * S, dtype=torch.float).view(N, S) + 1
+    summ_adv = -(torch.arange(N * S * A, dtype=torch.float).view(N, S, A) + 1)
+    adv = ar.token_advantages(packed, think_adv, summ_adv)
+    inserts = ar.insert_ids(tok)
+    for n in range(N):
+        b, g = divmod(n, 3)
+        P, think = len(ro.prompt_ids[b]), ro.think_ids[b][g]
+        expect = [0.0] * P + [think_adv[n, sum(t >= x for x in ro.budgets)].item() for t in range(len(think))]
+        for s in range(S):
+            for a in range(A):
+                expect += [0.0] * len(inserts[bool(ro.truncated[b, g, s])])
+                expect += [summ_adv[n, s, a].item()] * len(ro.summary_ids[b][g][s][a])
+        assert adv[n, :len(expect)].tolist() == expect
+        assert (adv[n, len(expect):] == 0).all()
+
+
+def _context_model(tok, seed=0):
+    """A tiny random model with large weights (std 0.2), so that its greedy choices vary with the
+    whole context, made to write `</think>` at absolute position 12 and EOS at 17: prompts of
+    5, 14 and 19 tokens then give a closed trace, an EOS-ended one and one that runs out."""
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=seed).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    forced = {12: ar.encode(tok, ar.THINK_END)[-1], 17: tok.eos_token_id}
+    state = {}
+    model.register_forward_pre_hook(lambda m, a, kw: state.update(pos=kw["position_ids"]), with_kwargs=True)
+
+    def force(module, args, logits):
+        for pos, token in forced.items():
+            logits[..., token] += 50.0 * (state["pos"] == pos)
+        return logits
+    model.lm_head.register_forward_hook(force)
+    return model
+
+
+def test_summaries_are_trained_in_the_context_they_were_sampled_from():
+    """Greedy rollout, then one forward over the packed rows (the tree mask and position ids the
+    loss uses): every trained token must be the argmax of its training-time logits. Any change of
+    context between sampling and training (a dropped or wrong insert, another cut, shifted
+    positions) changes the logits of this model and breaks that."""
+    tok = ts.tiny_tokenizer()
+    model = _context_model(tok)
+    prompts = ["ab\n<think>\n", "abcdefghijk\n<think>\n", "what is 2+3? xyz\n<think>\n"]
+    assert [len(ar.encode(tok, p)) for p in prompts] == [5, 14, 19]
+    with torch.no_grad():
+        ro = ar.rollout(model, tok, prompts, [3, 6, 12], num_traces=2, num_summaries=2, temperature=0.0,
+                        summary_max_tokens=5)
+        assert ro.closed[:, 0].tolist() == [True, False, False]
+        assert ro.ended_eos[:, 0].tolist() == [False, True, False]
+        assert ro.cut_has_eos[1, 0].tolist() == [False, True, True]        # the EOS inside the cut
+        packed = ar.pack_rollout(ro, tok)
+        mask = ar.packed_attention_mask(packed.prefix_len, packed.block_start)
+        logits = model(input_ids=packed.input_ids, attention_mask=mask,
+                       position_ids=packed.position_ids).logits
+    trained = packed.adv_index[:, 1:] >= 0
+    predicted = logits[:, :-1].argmax(-1)
+    tokens = packed.input_ids[:, 1:][trained]
+    assert trained.sum() > 100 and len(set(tokens.tolist())) > 20         # varied text, not one token
+    assert torch.equal(predicted[trained], tokens)
+
+
+def _scripted_model(tok, prompt, think, summary):
+    """A tiny model forced (by position) to think `think` and then, after the closed insert, to
+    write `summary`: the text of a real trace, with no randomness."""
+    model = ts.tiny_model(tok, hidden=32, layers=1).eval()
+    P, think = len(ar.encode(tok, prompt)), ar.encode(tok, think)
+    start = P + len(think) + len(ar.encode(tok, ar.CLOSED_INSERT))
+    script = {P + k: t for k, t in enumerate(think)}
+    script.update({start + k: t for k, t in enumerate(ar.encode(tok, summary) + [tok.eos_token_id])})
+    state = {}
+    model.register_forward_pre_hook(lambda m, a, kw: state.update(pos=kw["position_ids"]), with_kwargs=True)
+
+    def follow(module, args, logits):
+        forced = torch.full_like(logits, -30.0)
+        for r, pos in enumerate(state["pos"][:, -1].tolist()):
+            forced[r, -1, script.get(pos + 1, tok.eos_token_id)] = 30.0   # the token after pos
+        return forced
+    model.lm_head.register_forward_hook(follow)
+    return model
+
+
+@pytest.mark.parametrize("summary, truth, default, at_box", [
+    ("\\boxed{4} no: \\boxed{5}", "5", 1.0, 0.0),      # to EOS the last box counts; stop_at_box reads the first
+    ("\\boxed{5}" + ar.THINK_END, "5", 0.0, 1.0),      # a second </think> after the answer breaks the format
+])
+def test_summaries_run_to_eos_by_default(summary, truth, default, at_box):
+    """SPEC 2-3 (the authors): summaries are sampled to EOS, so the reward reads the last box of the
+    paragraph and sees a `</think>` written after it; the EOS is part of the summary (trained).
+    stop_at_box=True is the opt-in shortcut that stops at the first closed box."""
+    tok = ts.tiny_tokenizer()
+    prompt = "q\n<think>\n"
+    model = _scripted_model(tok, prompt, "12" + ar.THINK_END, summary)
+    for stop_at_box, expect in ((False, default), (True, at_box)):
+        ro = ar.rollout(model, tok, [prompt], [8], num_traces=1, num_summaries=1, temperature=0.0,
+                        summary_max_tokens=32, stop_at_box=stop_at_box)
+        assert ro.closed[0, 0] and ro.think_ids[0][0] == ar.encode(tok, "12" + ar.THINK_END)
+        ids = ro.summary_ids[0][0][0][0]
+        if not stop_at_box:
+            assert ids == ar.encode(tok, summary) + [tok.eos_token_id]
+            packed = ar.pack_rollout(ro, tok)
+            assert packed.adv_index[0, len(ar.encode(tok, prompt)) + 3 + len(ar.encode(tok, ar.CLOSED_INSERT))
+                                       + len(ids) - 1] >= 0                    # the EOS is trained
+        assert ar.score_rollout(ro, [truth])[0, 0, 0, 0].item() == expect
+
+
+class Recorder:
+    """Wraps a function, keeps every call's arguments (and the result) in .calls."""
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        self.calls.append((args, kwargs, out))
+        return out
+
+
+def _step_args(preset, **kw):
+    flags = {**dict(preset=preset, max_think=12, questions_per_step=2, traces=3, summary_max_tokens=4,
+                    micro_batch=1, device="cpu"), **kw}
+    return ts.parse_args(["--demo"] + [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))])
+
+
+def _trace_logprobs(model, tok, ro, temperature=1.0):
+    """Sum of log-probs of each trace's thinking tokens, and every trained token's log-prob (N,T)."""
+    packed = ar.pack_rollout(ro, tok)
+    with torch.no_grad():
+        lp = ar.packed_logprobs(model, packed, temperature=temperature)
+    think = torch.zeros_like(lp, dtype=torch.bool)
+    for n, (b, g) in enumerate((b, g) for b in range(len(ro.think_ids)) for g in range(len(ro.think_ids[0]))):
+        P = len(ro.prompt_ids[b])
+        think[n, P:P + len(ro.think_ids[b][g])] = True
+    return (lp * think).sum(1), lp
+
+
+@pytest.mark.parametrize("preset", ["grpo", "ar-uniform"])
+def test_rl_step_pushes_the_rewarded_trace_up(preset, monkeypatch):
+    """Scripted reward: only trace g = 1 of question 0 scores 1, at every budget. One update
+    (plain SGD, small step: first order) must raise that trace's log-prob more than any other's
+    and lower the others of its group. Catches advantages sent to the wrong rows (g*B + b)."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=1)
+    args = _step_args(preset, traces=3)
+    rollouts = Recorder(ar.rollout)
+    monkeypatch.setattr(ar, "rollout", rollouts)
+
+    def scripted(ro, truths):
+        s = torch.zeros(len(ro.think_ids), len(ro.think_ids[0]), len(ro.budgets), len(ro.summary_ids[0][0][0]))
+        s[0, 1] = 1.0
+        return s
+    monkeypatch.setattr(ar, "score_rollout", scripted)
+    before = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    torch.manual_seed(0)
+    ts.rl_step(model, tok, opt, ["ab\n<think>\n", "cd\n<think>\n"], ["1", "2"], args,
+               ar.budget_prior(args.prior, args.budgets), torch.device("cpu"))
+    ro = rollouts.calls[0][2]
+    delta = _trace_logprobs(model, tok, ro)[0] - _trace_logprobs(before, tok, ro)[0]   # N = 6
+    assert delta[1] > 0 and delta[1] == delta.max()
+    assert delta[0] < 0 and delta[2] < 0
+
+
+def test_two_updates_per_rollout(monkeypatch):
+    """The authors' PPO schedule: the old log-probs are computed once, before the first update, at
+    the rollout temperature; update 1 is on-policy (ratio 1), update 2 sees the moved policy
+    (ratio != 1) and a large step makes the clip fire, which the step log reports."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=2)
+    args = _step_args("ar-uniform", updates_per_rollout=2, temperature=0.7)
+    rollouts, losses = Recorder(ar.rollout), Recorder(ar.policy_loss)
+    monkeypatch.setattr(ar, "rollout", rollouts)
+    monkeypatch.setattr(ar, "policy_loss", losses)
+    monkeypatch.setattr(ar, "score_rollout", lambda ro, truths: torch.rand(
+        len(ro.think_ids), len(ro.think_ids[0]), len(ro.budgets), len(ro.summary_ids[0][0][0])).round())
+    before = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.0)   # a big step: the clip must act
+    torch.manual_seed(0)
+    m = ts.rl_step(model, tok, opt, ["ab\n<think>\n", "cd\n<think>\n"], ["1", "2"], args,
+                   ar.budget_prior(args.prior, args.budgets), torch.device("cpu"))
+    ro = rollouts.calls[0][2]
+    _, old_ref = _trace_logprobs(before, tok, ro, temperature=0.7)        # N,T from before the step
+    assert len(losses.calls) == 6                                        # micro-batch 1: one call per trace
+    for n, (call_args, _, _) in enumerate(losses.calls):
+        logprobs, old, mask = call_args[0].detach(), call_args[1], call_args[3]
+        T = mask.shape[1]
+        assert torch.allclose(old[mask], old_ref[n, :T][mask[0]], atol=1e-5)   # computed once, at T = 0.7
+        ratio = (logprobs - old)[mask].exp()
+        if n < 3:
+            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)  # update 1: on-policy
+        else:
+            assert (ratio - 1).abs().max() > 0.2                             # update 2: moved, clipped
+    assert m["updates"] == 2 and m["clipfrac"] > 0 and m["approx_kl"] > 0
+
+
+def test_one_update_per_rollout_is_on_policy(monkeypatch):
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
+    args = _step_args("grpo", updates_per_rollout=1)
+    losses = Recorder(ar.policy_loss)
+    monkeypatch.setattr(ar, "policy_loss", losses)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    m = ts.rl_step(model, tok, opt, ["ab\n<think>\n"], ["1"], args,
+                   ar.budget_prior(args.prior, args.budgets), torch.device("cpu"))
+    assert m["updates"] == 1 and m["clipfrac"] == 0 and m["approx_kl"] == 0
+    assert all(torch.equal(a[0].detach(), a[1]) for a, _, _ in losses.calls)
+
+
+@pytest.mark.parametrize("preset", ["ar-uniform", "grpo"])
+def test_training_raises_the_rewarded_behaviour(preset, monkeypatch):
+    """End to end: reward = 1 when the first thinking token has an even id. A few rl_steps must
+    raise P(first thinking token even | prompt), computed exactly from the model's logits."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=4)
+    # 4 thinking tokens (budgets 1..4 for ar-uniform): the first token is a whole segment
+    args = _step_args(preset, traces=8, updates_per_rollout=1, max_think=4, micro_batch=16)
+    prompts = ["ab\n<think>\n", "cd\n<think>\n"]
+
+    def scripted(ro, truths):
+        even = torch.tensor([[float(t[0] % 2 == 0) for t in row] for row in ro.think_ids])    # B,G
+        return even[:, :, None, None].expand(-1, -1, len(ro.budgets), len(ro.summary_ids[0][0][0])).clone()
+    monkeypatch.setattr(ar, "score_rollout", scripted)
+
+    def p_even():
+        with torch.no_grad():
+            ps = [model(torch.tensor([ar.encode(tok, p)])).logits[0, -1].softmax(-1) for p in prompts]
+        return sum(p[0::2].sum().item() for p in ps) / len(ps)
+    start = p_even()
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    torch.manual_seed(0)
+    for _ in range(3):
+        ts.rl_step(model, tok, opt, prompts, ["1", "2"], args, ar.budget_prior(args.prior, args.budgets),
+                   torch.device("cpu"))
+    model.eval()
+    assert p_even() > start + 0.3                      # measured: 0.51 -> 0.98 (ar-uniform), 0.99 (grpo)
 
 
 # ----------------------------------------------------------------------------

@@ -44,7 +44,7 @@ DEFAULTS = dict(
     max_think=512,
     questions_per_step=16,   # B (the paper: 64 on 8 GPUs)
     traces=8,                # G, traces per question (the paper: 8)
-    summary_max_tokens=48,   # a GSM8K "**Final Answer** \boxed{...}" fits easily (the authors: 118)
+    summary_max_tokens=64,   # summaries run to EOS: a recap + \boxed{} + EOS fits in 60 for 99% of GSM8K (the authors: 118)
     lr=1e-6,                 # the paper's constant learning rate
     temperature=1.0,         # rollout temperature (the paper: 1.0)
     eval_temperature=0.6,    # the paper evaluates at 0.6
@@ -58,13 +58,14 @@ DEFAULTS = dict(
     summary_batch=512,       # rows per generate() call for summaries
     chunk_size=1024,         # trained positions per output-layer chunk
     warmup_steps=0,
+    updates_per_rollout=2, weight_decay=0.01, stop_at_box=False,
     kl_coef=0.0, clip_eps=0.2, seed=0, device="auto", data_dir=None, out_dir=None, resume=None, demo=False,
 )
 # The offline CPU demo: a tiny model, a synthetic task where thinking helps.
 DEMO = dict(model="(built in code)", max_think=24, questions_per_step=16, traces=8,
             summary_max_tokens=6, lr=3e-4, eval_size=200, eval_every=10, eval_grid=3,
             steps=40, save_every=20, micro_batch=64, think_batch=128, summary_batch=1024,
-            warmup_steps=800, chunk_size=4096)
+            warmup_steps=800, chunk_size=4096, updates_per_rollout=1, weight_decay=0.0)
 
 
 @dataclass
@@ -93,6 +94,9 @@ class Args:
     summary_batch: int
     chunk_size: int
     warmup_steps: int          # demo only: supervised steps before RL
+    updates_per_rollout: int
+    weight_decay: float
+    stop_at_box: bool
     kl_coef: float
     clip_eps: float
     seed: int
@@ -121,9 +125,11 @@ def parse_args(argv=None) -> Args:
     p.add_argument("--summary-method", help="summary advantage: brpo (decoupled) or grpo")
     for name in ("max_think", "questions_per_step", "traces", "summary_max_tokens", "eval_size",
                  "eval_every", "eval_grid", "steps", "save_every", "micro_batch", "think_batch",
-                 "summary_batch", "chunk_size", "warmup_steps"):
+                 "summary_batch", "chunk_size", "warmup_steps", "updates_per_rollout"):
         p.add_argument("--" + name.replace("_", "-"), type=int, help=f"(default {DEFAULTS[name]})")
-    for name in ("lr", "temperature", "eval_temperature"):
+    p.add_argument("--stop-at-box", action="store_true", default=None,
+                   help="stop each summary as soon as its \\boxed{} closes (faster; the authors run to EOS)")
+    for name in ("lr", "temperature", "eval_temperature", "weight_decay"):
         p.add_argument("--" + name.replace("_", "-"), type=float, help=f"(default {DEFAULTS[name]})")
     p.add_argument("--kl-coef", type=float, help="KL to the initial model (default 0: no reference model)")
     p.add_argument("--clip-eps", type=float, help="PPO clip range (default 0.2)")
@@ -515,14 +521,22 @@ def plot_curves(results: dict[str, dict], path: str) -> str:
 
 def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, device,
             ref_model=None) -> dict:
-    """One AnytimeReasoner/BRPO step: rollout, score, advantages, one PPO update."""
+    """One AnytimeReasoner/BRPO step: rollout, score, advantages, then PPO updates.
+
+    The rollout's N = B*G traces are split into `updates_per_rollout` mini-batches and
+    each gets one optimiser update (the authors: 512 traces, 256 per update). The old
+    log-probs are computed once, before the first update, so from the second update on
+    the ratio differs from 1 and the clip can act. With one update, old = current
+    detached: ratio 1 and no extra forward pass.
+    """
     B, G, S, A = len(prompts), args.traces, len(args.budgets), args.num_summaries
     t0 = time.time()
     model.eval()
     bar, update = progress_bar(B * G * (1 + S * A), "rollout")
     with autocast(device):
         ro = ar.rollout(model, tokenizer, prompts, args.budgets, G, A, args.temperature,
-                        args.summary_max_tokens, args.think_batch, args.summary_batch, progress=update)
+                        args.summary_max_tokens, args.think_batch, args.summary_batch,
+                        stop_at_box=args.stop_at_box, progress=update)
     if bar:
         bar.close()
     t_gen = time.time() - t0
@@ -531,34 +545,51 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     scores = ar.score_rollout(ro, truths)                                       # B,G,S,A
     think_adv, summ_adv = ar.rollout_advantages(ro, scores, prior, args.thinking_method,
                                                 args.summary_method)            # N,S  N,S,A
-    # A constant normaliser (SPEC 6): traces x largest budget, the same for every batch.
-    normaliser = B * G * args.budgets[-1]
+
+    # Trace n = b*G + g is row n of think_adv / summ_adv. Mini-batches of traces, each
+    # cut into micro-batches of packed rows (lists of (b, g), packed on the CPU).
+    traces = [(b, g) for b in range(B) for g in range(G)]
+    U = min(args.updates_per_rollout, len(traces))
+    minibatches = [traces[u * len(traces) // U:(u + 1) * len(traces) // U] for u in range(U)]
+    micro = [[mb[i:i + args.micro_batch] for i in range(0, len(mb), args.micro_batch)] for mb in minibatches]
+    packed = {tuple(m): ar.pack_rollout(ro, tokenizer, m) for mb in micro for m in mb}
+    mask_dtype = torch.bfloat16 if device.type == "cuda" else None  # match autocast's dtype
+
+    def logprobs_of(net, m):
+        with autocast(device):
+            return ar.packed_logprobs(net, packed[tuple(m)], args.chunk_size, mask_dtype, args.temperature)
+
+    old, ref = {}, {}
+    with torch.no_grad():  # once per rollout, before any update
+        for m in (m for mb in micro for m in mb):
+            if U > 1:
+                old[tuple(m)] = logprobs_of(model, m)
+            if ref_model is not None:  # only when --kl-coef > 0
+                ref[tuple(m)] = logprobs_of(ref_model, m)
 
     model.train()
-    optimizer.zero_grad(set_to_none=True)
-    traces = [(b, g) for b in range(B) for g in range(G)]
-    stats = {"clipfrac": 0.0, "approx_kl": 0.0}
-    mask_dtype = torch.bfloat16 if device.type == "cuda" else None  # match autocast's dtype
-    for start in range(0, len(traces), args.micro_batch):
-        mb = traces[start:start + args.micro_batch]
-        packed = ar.pack_rollout(ro, tokenizer, mb)
-        mb_idx = torch.tensor([b * G + g for b, g in mb])
-        adv = ar.token_advantages(packed, think_adv[mb_idx], summ_adv[mb_idx]).to(device)
-        with autocast(device):
-            logprobs = ar.packed_logprobs(model, packed, args.chunk_size, mask_dtype)
-            ref = None
-            if ref_model is not None:  # only when --kl-coef > 0
-                with torch.no_grad():
-                    ref = ar.packed_logprobs(ref_model, packed, args.chunk_size, mask_dtype)
-        mask = (packed.adv_index >= 0).to(device)
-        # One update per rollout: the old policy is the current one, so no extra forward pass.
-        loss, st = ar.policy_loss(logprobs, logprobs.detach(), adv, mask, normaliser, args.clip_eps,
-                                  ref, args.kl_coef)
-        loss.backward()
-        for k in stats:
-            stats[k] += st[k] * len(mb) / len(traces)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    stats, n_tokens, grad_norms = {"clipfrac": 0.0, "approx_kl": 0.0}, 0, []
+    for mb_micro, mb in zip(micro, minibatches):
+        optimizer.zero_grad(set_to_none=True)
+        # A constant normaliser (SPEC 6): traces x largest budget, so micro-batches add up exactly.
+        normaliser = len(mb) * args.budgets[-1]
+        for m in mb_micro:
+            p = packed[tuple(m)]
+            rows = torch.tensor([b * G + g for b, g in m])
+            adv = ar.token_advantages(p, think_adv[rows], summ_adv[rows]).to(device)
+            mask = (p.adv_index >= 0).to(device)
+            logprobs = logprobs_of(model, m)
+            old_logprobs = old[tuple(m)] if U > 1 else logprobs.detach()  # one update: on-policy
+            loss, st = ar.policy_loss(logprobs, old_logprobs, adv, mask, normaliser, args.clip_eps,
+                                      ref.get(tuple(m)), args.kl_coef)
+            loss.backward()
+            n = int(mask.sum())
+            for k in stats:
+                stats[k] += st[k] * n
+            n_tokens += n
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        optimizer.step()
+    stats = {k: v / max(n_tokens, 1) for k, v in stats.items()}  # per trained token, all updates
 
     r = ar.pooled_scores(scores, ro.prompt_index)                               # B,G,S
     acc = r.mean((0, 1))                                                        # S
@@ -567,8 +598,8 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     return {"reward": round(scores.mean().item(), 4), "acc": [round(x, 3) for x in acc.tolist()],
             "think_len": round(ro.think_len.float().mean().item(), 1),
             "clipfrac": round(stats["clipfrac"], 4), "approx_kl": round(stats["approx_kl"], 6),
-            "grad_norm": round(float(grad_norm), 4), "gen_tok_s": round(gen_tokens / t_gen, 1),
-            "s_per_step": round(dt, 2),
+            "grad_norm": round(sum(grad_norms) / len(grad_norms), 4), "updates": U,
+            "gen_tok_s": round(gen_tokens / t_gen, 1), "s_per_step": round(dt, 2),
             # SPEC 8: Var[R - V] / Var[R] per budget for V = V1, V2, BRPO (NaN: too few traces)
             **{k: [round(x, 4) if x == x else None for x in v.tolist()]
                for k, v in var.items() if k.startswith("var_ratio")}}

@@ -124,8 +124,24 @@ def stop_ids(tokenizer) -> list[int]:
 # ----------------------------------------------------------------------------
 # 2. Answer checker (sympy, never eval) and the SPEC 3 score
 # ----------------------------------------------------------------------------
+#
+# extract_answer: the last box (with the boxes joined to it by "," / "and" / "or")
+#   of the "**Final Answer**" paragraph.
+# answers_match: both answers go through the same three stages.
+#   2b. _RULES, string rewrites applied in the order listed: LaTeX noise, units,
+#       "and" lists, thousands separators, mixed numbers, \pm, matrices ...
+#   2d. _parse, a small recursive-descent parser that builds sympy values itself
+#       (never eval/sympify/parse_expr): numbers, + - * / ^, \frac, \sqrt, \pi,
+#       tuples, sets, intervals, ratios and relations.
+#   2e. _values_equal: structure first, then expressions at rational sample points.
+#       Integers and fractions compare exactly ("1000001" is not 1000000); a 1e-6
+#       relative tolerance applies only if an answer is written with a decimal
+#       point, since a decimal may be rounded ("0.333333" is 1/3).
+# Every stage has a size bound, so any input is checked in well under a second.
 
-# A parsed answer: a sympy expression, or a collection ("()", "[]" or "{}", items).
+# A parsed answer: a sympy expression, or a group (kind, items). Kinds: "()" tuple,
+# "[]" "[)" "(]" interval, "{}" set, "list" a bare comma list, "ratio" (b/a, c/a)
+# for a:b:c, and "rel <= <" for a relation chain (items: its sides, a <= x < b).
 Value = Union[sympy.Expr, Tuple[str, Tuple["Value", ...]]]
 
 _HEADING = ANSWER_HEADING
@@ -139,30 +155,10 @@ _MAX_ROOT_BITS = 1024       # bound on all radicands together (sympy factors the
 _MAX_ITEMS = 16             # longest tuple or set we compare
 _MAX_SYMBOLS = 6
 _SYMBOL_BITS = 10           # sample values below have numerator, denominator < 32
-_REL_TOL = Fraction(1, 10**6)
+_REL_TOL = Fraction(1, 10**6)  # only when an answer has a decimal point
 _SAMPLES = tuple(sympy.Rational(p, q) for p, q in [
     (13, 17), (23, 19), (7, 11), (29, 31), (17, 5), (11, 29), (31, 13), (5, 23), (19, 7), (3, 17),
     (25, 11), (9, 31), (27, 19), (11, 3), (15, 29), (21, 13), (29, 9), (7, 27), (23, 5), (13, 29)])
-
-_BRACE_RE = re.compile(r"\\.|[{}]", re.S)   # an escaped char, or a brace
-_BLANK_LINE_RE = re.compile(r"\n[ \t]*\n")
-_BOX_TOKEN_RE = re.compile(r"[^\s$]+")
-_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}(\^\{?\d\}?)?")
-_UNIT_RE = re.compile(r"[A-Za-z][A-Za-z .]*")
-_TRAILING_WORDS_RE = re.compile(r"([-+]?[\d.,/]*\d)\s+[A-Za-z]{2}[A-Za-z\s]*")
-_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
-_TOKEN_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+|\\[A-Za-z]+|\\[{}]|[A-Za-z]+|[-+*/^()\[\]{},])")
-_COMMANDS = {"\\frac", "\\sqrt", "\\pi", "\\{", "\\}", "\\cdot", "\\times"}
-_OPENERS = {"(": ")", "[": "]", "{": "}", "\\{": "\\}"}
-_KINDS = {"(": "()", "[": "[]", "{": "{}", "\\{": "{}"}
-_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
-# Plain string rewrites applied before anything else (order matters).
-_REPLACEMENTS = [
-    ("\r", ""), ("\\!", ""), ("\\,", " "), ("\\;", " "), ("\\:", " "), ("\\ ", " "),
-    ("\\$", ""), ("$", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", ""),
-    ("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
-    ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\u00b0", ""), ("{,}", ","),
-]
 
 
 class _ParseError(Exception):
@@ -171,11 +167,21 @@ class _ParseError(Exception):
 
 # 2a. extraction
 
+_BRACE_RE = re.compile(r"\\.|[{}]", re.S)   # an escaped char, or a brace
+_BLANK_LINE_RE = re.compile(r"\n[ \t]*\n")
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])( *)(\{?)")
+_BOX_TOKEN_RE = re.compile(r"[^\s$]+")      # "\boxed 5"
+_BOX_GAP_RE = re.compile(r"[\s$,;]*(?:(?:\\text\{ *)?\b(?:and|or)\b *\}?)?[\s$,;]*")  # ", and"
+
+
 def extract_answer(text: str) -> str | None:
-    """Return the last \\boxed{...} of the "**Final Answer**" paragraph, else None.
+    """The answer boxed in the "**Final Answer**" paragraph, else None.
 
     The paragraph starts after the first heading (leading whitespace skipped)
-    and ends at the next blank line. Without a heading the whole text is used.
+    and ends at the next blank line; without a heading the whole text is used.
+    The answer is its last box, with the boxes joined to it by ",", "and" or "or"
+    ("\\boxed{6} and \\boxed{8}" gives "6, 8"). An unclosed last box or an empty
+    answer gives None.
     """
     try:
         text = text.replace("\r\n", "\n")
@@ -184,29 +190,31 @@ def extract_answer(text: str) -> str | None:
             text = text[start + len(_HEADING):].lstrip()
             blank = _BLANK_LINE_RE.search(text)
             text = text[:blank.start()] if blank else text
-        return _last_box(text)
+        return ", ".join(c.strip() for c in _last_boxes(text) if c.strip()) or None
     except Exception:
         return None
 
 
-def _last_box(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or "\\boxed 5") in text; None if absent or unclosed."""
-    result, pos = None, 0
-    while (i := text.find("\\boxed", pos)) != -1:
-        j = i + len("\\boxed")
-        k = j
-        while k < len(text) and text[k] == " ":
-            k += 1
-        if k < len(text) and text[k] == "{":
-            end = _closing_brace(text, k)
+def _last_boxes(text: str) -> list[str]:
+    """Contents of the last \\boxed{...}/\\fbox{...} and of the boxes joined to it by
+    ",", "and" or "or"; [] if there is none or the last one never closes."""
+    run, pos, run_end = [], 0, -1
+    while m := _BOX_RE.search(text, pos):
+        if m.group(2):
+            end = _closing_brace(text, m.end() - 1)
             if end == -1:
-                return None  # the last box never closes
-            result, pos = text[k + 1:end], end + 1
-        elif k > j and (m := _BOX_TOKEN_RE.match(text, k)):
-            result, pos = m.group(), m.end()  # "\boxed 5": a single token
+                return []  # the last box never closes
+            content, pos = text[m.end():end], end + 1
+        elif m.group(1) and (tok := _BOX_TOKEN_RE.match(text, m.end())):
+            content, pos = tok.group(), tok.end()
         else:
-            pos = j
-    return result
+            pos = m.end()
+            continue
+        if run_end < 0 or not _BOX_GAP_RE.fullmatch(text, run_end, m.start()):
+            run = []  # text between the boxes: a new answer starts
+        run.append(content)
+        run_end = pos
+    return run
 
 
 def _closing_brace(text: str, open_at: int) -> int:
@@ -222,7 +230,139 @@ def _closing_brace(text: str, open_at: int) -> int:
     return -1
 
 
-# 2b. matching
+# 2b. string rules, in the order they are applied (the table _RULES below)
+
+_MATRIX_RE = re.compile(r"\\begin\{([pbB]?matrix)\}(.*?)\\end\{\1\}", re.S)  # not vmatrix: a determinant
+
+
+def _matrix_rows(s: str) -> str:
+    """Any matrix environment -> ((a, b), (c, d)); a column or row vector -> (a, b)."""
+    def rows(m: re.Match[str]) -> str:
+        cells = [r.replace("&", ",") for r in m.group(2).split("\\\\") if r.strip()]
+        return "(" + ", ".join(f"({r})" for r in cells) + ")"
+    return _MATRIX_RE.sub(rows, s) if len(s) <= _MAX_PARSE_CHARS else s
+
+
+_REPLACEMENTS = [  # in order: "\\dfrac" -> "\\frac" before the \frac rules, "\\$" before "$"
+    ("\r", ""), ("\\!", ""), ("\\,", " "), ("\\;", " "), ("\\:", " "), ("\\ ", " "), ("~", " "),
+    ("\\quad", " "), ("\\$", ""), ("$", ""), ("\\%", "%"), ("\\displaystyle", ""),
+    ("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"),
+    ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\u00b0", ""), ("{,}", ","),
+    ("\u2212", "-"), ("\u00d7", "*"), ("\\div", "/"), ("\u00f7", "/"), ("\u03c0", "\\pi"), ("\u221e", "\\infty"),
+    ("\u2264", "<="), ("\u2265", ">="), ("\u2260", "!="), ("\u00b1", "\\pm"), ("==", "="),
+]
+_RELATIONS = {"geqslant": ">=", "geq": ">=", "ge": ">=", "leqslant": "<=", "leq": "<=", "le": "<=",
+              "neq": "!=", "ne": "!=", "gt": ">", "lt": "<"}
+_RELATION_RE = re.compile(r"\\(" + "|".join(_RELATIONS) + r")(?![A-Za-z])")
+
+
+def _replace_all(s: str) -> str:
+    """Spacing, \\left/\\right, dollars, degrees, \\dfrac, relation symbols, escapes."""
+    for old, new in _REPLACEMENTS:
+        s = s.replace(old, new)
+    s = re.sub(r"\\\\(?=[A-Za-z])", r"\\", s)  # a doubly escaped command
+    s = re.sub(r"_\{(\w)\}", r"_\1", s)  # 4210_{7} is 4210_7
+    return _RELATION_RE.sub(lambda m: _RELATIONS[m.group(1)], s)
+
+
+def _drop_approx(s: str) -> str:
+    """"\\frac{\\sqrt3}{3} \\approx 0.577" -> the exact value before the \\approx."""
+    exact, _, approx = s.partition("\\approx")
+    return exact if exact.strip() else approx
+
+
+_TEXT_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox) ?\{([^{}]*)\}(\^\{?\d\}?)?")
+_UNIT_RE = re.compile(r"[A-Za-z][A-Za-z .]*(?:/[A-Za-z .]+)?(?:\^\{?\d\}?)?")
+
+
+def _unwrap_text(s: str) -> str:
+    """\\text{...}: a unit after a value goes (never gluing "2 \\text{h} 30" into 230),
+    "and"/"or" and other words stay as words."""
+    def unwrap(m: re.Match[str]) -> str:
+        content = m.group(1).strip()
+        if content not in ("and", "or") and s[:m.start()].strip() and _UNIT_RE.fullmatch(content):
+            return " "
+        return " " + content + (m.group(2) or "") + " "
+    return _TEXT_RE.sub(unwrap, s)
+
+
+def _join_words(s: str) -> str:
+    """"6 and 8", "x = 1 or x = 2", "1, 2, and 3" -> a comma list (compared as a set)."""
+    return re.sub(r" ?,? ?\b(?:and|or)\b ?", ", ", s)
+
+
+_TRAILING_UNIT_RE = re.compile(r"(.*\d%?) (?:[A-Za-z]{2,}|[A-Za-z]+/[A-Za-z]+)(?:[ /]+[A-Za-z]+)*(?:\^\{?\d\}?)?\.?")
+
+
+def _drop_trailing_unit(s: str) -> str:
+    """"18 dollars", "50 km/h", "5 cm^2" -> the value; one letter stays ("5 m" may be 5m)."""
+    m = _TRAILING_UNIT_RE.fullmatch(s.strip())
+    return m.group(1) if m else s
+
+
+_GROUPED_RE = re.compile(r"((?:[A-Za-z] ?= ?)?)([-+]?\d{1,3}(?:(?:, ?| )\d{3})+(?:\.\d+)?)")
+
+
+def _drop_thousands(s: str) -> str:
+    """"1,000", "1, 000", "1 000", "x = 32,\\! 349" -> digits. Only a whole answer made of
+    groups of three is read this way: "1,0000" and "(1,000)" stay lists of numbers."""
+    m = _GROUPED_RE.fullmatch(s.strip())
+    return m.group(1) + re.sub("[, ]", "", m.group(2)) if m else s
+
+
+def _mixed_numbers(s: str) -> str:
+    """Digits followed at once by a numeric fraction are a mixed number: 918\\frac{1}{2}
+    and "918 1/2" are 918 + 1/2 (not 918 * 1/2); "x^2\\frac12" is still a product."""
+    s = re.sub(r"\\frac ?(\d)(\d)", r"\\frac{\1}{\2}", s)  # \frac12
+    s = re.sub(r"(?<![\w.^_{}\\])(\d+) ?\\frac ?\{(\d+)\} ?\{(\d+)\}", r"(\1+\2/\3)", s)
+    return re.sub(r"(?<![\w.^_/])(\d+) (\d+)/(\d+)(?![\w.])", r"(\1+\2/\3)", s)
+
+
+def _drop_defined_name(s: str) -> str:
+    """"f(x) = 2x+3" -> "2x+3"; "x \\in [1, 2]" -> "[1, 2]": the left side only names the answer."""
+    m = re.match(r" ?(?:[A-Za-z] ?\( ?[A-Za-z] ?\) ?=|[A-Za-z] ?\\in(?![A-Za-z]))", s)
+    return s[m.end():] if m else s
+
+
+def _plus_minus(s: str) -> str:
+    """"1 \\pm \\sqrt2" -> "1 + \\sqrt2, 1 - \\sqrt2": both values, as a list."""
+    if "\\pm" not in s and "\\mp" not in s:
+        return s
+    return s.replace("\\pm", "+").replace("\\mp", "-") + ", " + s.replace("\\pm", "-").replace("\\mp", "+")
+
+
+def _choice_letter(s: str) -> str:
+    """Multiple choice: "(A)" or "C. x = 42" -> the letter."""
+    m = re.fullmatch(r" ?(?:\(([A-Z])\)|([A-E])[.)] .*) ?", s)
+    return (m.group(1) or m.group(2)) if m else s
+
+
+_RULES = [  # applied to both answers in this order; whitespace is collapsed after each
+    _matrix_rows,          # \begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix} -> ((1, 2), (3, 4))
+    _replace_all,          # "\$1{,}000", "\dfrac", "\geq" -> "1,000", "\frac", ">="
+    _drop_approx,          # "a \approx 0.57" -> "a"
+    _unwrap_text,          # "18 \text{ cm}" -> "18", "\text{odd}" -> "odd"
+    _join_words,           # "6 and 8" -> "6, 8"
+    _drop_trailing_unit,   # "50 km/h" -> "50"
+    _drop_thousands,       # "1,000" / "1, 000" / "1 000" -> "1000"
+    _mixed_numbers,        # "918\frac{1}{2}" -> "(918+1/2)"
+    _drop_defined_name,    # "f(x) = 2x" -> "2x"
+    _plus_minus,           # "1 \pm 2" -> "1 + 2, 1 - 2"
+    _choice_letter,        # "(A)" -> "A"
+]
+
+
+def _normalise(s: str) -> str:
+    for rule in _RULES:
+        s = " ".join(rule(s).split())  # single spaces keep every regex above linear
+    return s.rstrip(".\\").strip()
+
+
+# 2c. matching
+
+_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?")
+_TIME_RE = re.compile(r"(?:[01]?\d|2[0-4]):[0-5]\d")   # "3:30" is a time, not the ratio 1:10
+
 
 def answers_match(given: str | None, truth: str) -> bool:
     """True if the extracted answer equals the ground truth (string, numeric or symbolic)."""
@@ -235,104 +375,76 @@ def answers_match(given: str | None, truth: str) -> bool:
 
 
 def _match(given: str, truth: str) -> bool:
-    """Normalise both sides, split "a = 5" style answers, then compare each side."""
-    if len(given) > _MAX_RAW_CHARS or len(truth) > _MAX_RAW_CHARS:
-        return given.strip() == truth.strip()
+    """Normalise both, then compare each reading of one with each reading of the other."""
+    given, truth = given.strip(), truth.strip()
+    if not given or given == truth or len(given) > _MAX_RAW_CHARS or len(truth) > _MAX_RAW_CHARS:
+        return bool(given) and given == truth
+    g_num, t_num = _as_number(given), _as_number(truth)
+    if g_num is not None and t_num is not None:  # plain numbers (most of GSM8K): no rules needed
+        return _close(g_num, t_num, _tolerance(given, truth))
     g, t = _normalise(given), _normalise(truth)
     if not g or not t:
         return False
-    if _squash(g) == _squash(t):
-        return True
-    g_sides, t_sides = g.split("="), t.split("=")
-    if len(g_sides) == len(t_sides):
-        pairs = list(zip(g_sides, t_sides))
-    elif len(t_sides) == 1:
-        pairs = [(g_sides[-1], t)]       # "x = 5" vs "5": compare the right-hand side
-    elif len(g_sides) == 1:
-        pairs = [(g, t_sides[-1])]
-    else:
-        return False
-    return all(_sides_match(a.strip(), b.strip()) for a, b in pairs)
+    tol = _tolerance(g, t)
+    return any(_readings_equal(a, b, tol) for a in _readings(g) for b in _readings(t))
 
 
-def _sides_match(g: str, t: str) -> bool:
-    """(a) exact string, (b) plain numbers, (c) symbolic equality of parsed values."""
-    if not g or not t:
-        return False
+def _tolerance(g: str, t: str) -> Fraction:
+    """Integers and fractions compare exactly; a decimal may be rounded ("0.333333" is 1/3)."""
+    return _REL_TOL if re.search(r"\.\d", g + " " + t) else Fraction(0)
+
+
+def _readings(s: str) -> list[str]:
+    """"10%" is read both as 10 and as 10/100; any other answer has one reading."""
+    return [s.replace("%", ""), s.replace("%", "/100")] if "%" in s else [s]
+
+
+def _readings_equal(g: str, t: str, tol: Fraction) -> bool:
+    """(a) equal strings, (b) plain numbers, (c) parsed values."""
     if _squash(g) == _squash(t):
         return True
     g_num, t_num = _as_number(_squash(g)), _as_number(_squash(t))
     if g_num is not None and t_num is not None:
-        return _close(g_num, t_num)
-    if len(g) > _MAX_PARSE_CHARS or len(t) > _MAX_PARSE_CHARS:
+        return _close(g_num, t_num, tol)
+    if max(len(g), len(t)) > _MAX_PARSE_CHARS or _TIME_RE.fullmatch(g) or _TIME_RE.fullmatch(t):
         return False
     g_val, t_val = _parse(g), _parse(t)
-    if g_val is None or t_val is None:
-        return False
-    return _values_equal(g_val, t_val)
-
-
-def _normalise(s: str) -> str:
-    """Strip LaTeX decoration, units, dollars, percent and thousands separators."""
-    s = s.strip()
-    for old, new in _REPLACEMENTS:
-        s = s.replace(old, new)
-    s = _TEXT_RE.sub(_unwrap_text, s).strip().rstrip(".").strip()
-    s = _drop_thousands_commas(s)
-    if m := _TRAILING_WORDS_RE.fullmatch(s):
-        s = m.group(1)  # "18 dollars" -> "18"
-    if re.fullmatch(r"\([A-Z]\)", s):
-        s = s[1]        # multiple choice "(A)" -> "A"
-    return s
-
-
-def _unwrap_text(m: re.Match[str]) -> str:
-    """\\text{...}: drop it when it is a unit after a value, otherwise keep its content."""
-    content = m.group(1).strip()
-    if m.string[:m.start()].strip() and _UNIT_RE.fullmatch(content):
-        return ""
-    return content + (m.group(2) or "")
-
-
-def _drop_thousands_commas(s: str) -> str:
-    """Remove "," between a digit and exactly three digits, outside ( [ \\{ groups."""
-    out, depth = [], 0
-    for i, ch in enumerate(s):
-        prev = s[i - 1] if i else ""
-        if ch in "([" or (ch == "{" and prev == "\\"):
-            depth += 1
-        elif ch in ")]" or (ch == "}" and prev == "\\"):
-            depth -= 1
-        elif (ch == "," and depth <= 0 and prev.isascii() and prev.isdigit()
-              and re.fullmatch(r"\d{3}", s[i + 1:i + 4]) and not s[i + 4:i + 5].isdigit()):
-            continue
-        out.append(ch)
-    return "".join(out)
+    return g_val is not None and t_val is not None and _values_equal(g_val, t_val, tol)
 
 
 def _squash(s: str) -> str:
-    """Remove all whitespace, for exact comparison."""
-    return "".join(s.split())
+    """Drop spaces, except between two word characters: "1 2" is not "12"."""
+    return re.sub(r" (?!\w)|(?<!\w) ", "", s)
 
 
 def _as_number(s: str) -> Fraction | None:
-    """Parse "12", "-0.5" or "3/4" exactly; None for anything else."""
+    """Parse "12", "-0.5", "1e6" or "3/4" exactly; None for anything else."""
     parts = s.split("/")
-    if len(parts) > 2 or not all(_NUMBER_RE.fullmatch(p) for p in parts):
+    if len(s) > _MAX_PARSE_CHARS or len(parts) > 2 or not all(_NUMBER_RE.fullmatch(p) for p in parts):
         return None
     den = Fraction(parts[1]) if len(parts) == 2 else Fraction(1)
     return Fraction(parts[0]) / den if den else None
 
 
-def _close(a: Fraction, b: Fraction) -> bool:
-    """Exact rational comparison with a relative tolerance."""
-    return abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
+def _close(a: Fraction, b: Fraction, tol: Fraction) -> bool:
+    """Exact rational comparison, or within a relative tolerance tol."""
+    return abs(a - b) <= tol * max(abs(a), abs(b))
 
 
-# 2c. a restricted parser that builds sympy objects (never eval)
+# 2d. a restricted parser that builds sympy objects (never eval)
+
+_TOKEN_RE = re.compile(r"\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d{1,3}(?!\d))?|\.\d+|\\[A-Za-z]+|\\[{}]|"
+                       r"[A-Za-z]_(?:\{[A-Za-z0-9]+\}|[A-Za-z0-9])|[A-Za-z]+|[<>!]=|[-+*/^()\[\]{},=<>:])")
+_GREEK = {"\\" + g for g in "alpha beta gamma delta epsilon theta lambda mu rho sigma tau phi omega".split()}
+_COMMANDS = {"\\frac", "\\sqrt", "\\pi", "\\infty", "\\cup", "\\{", "\\}", "\\cdot", "\\times"} | _GREEK
+_OPENERS = {"(": ")", "[": "]", "{": "}", "\\{": "\\}"}
+_KINDS = {"(": "()", "[": "[]", "{": "{}", "\\{": "{}"}
+_RELOPS = {"=", "<", ">", "<=", ">=", "!="}
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
 
 def _tokenize(s: str) -> list[str] | None:
-    """Split into numbers, single letters, known commands and operators; None if unknown."""
+    """Numbers, single letters, x_1, known commands and operators; None if anything else."""
     tokens, pos, s = [], 0, s.rstrip()
     while pos < len(s):
         m = _TOKEN_RE.match(s, pos)
@@ -343,6 +455,8 @@ def _tokenize(s: str) -> list[str] | None:
             if tok not in _COMMANDS:
                 return None
             tokens.append("*" if tok in ("\\cdot", "\\times") else tok)
+        elif "_" in tok:
+            tokens.append(tok.replace("{", "").replace("}", ""))  # x_{1} is x_1
         elif tok[0].isalpha():
             if len(tok) > 2:
                 return None  # a word, not maths: "yes" must not equal "sey"
@@ -369,14 +483,28 @@ def _parse(text: str) -> Value | None:
         pos += 1
         return tokens[pos - 1]
 
-    def items(depth: int) -> list[Value]:  # expr ("," expr)*
-        out = [expr(depth)]
-        while peek() == ",":
+    def items(depth: int) -> list[Value]:  # relation (("," | "\cup") relation)*
+        out = [relation(depth)]
+        while peek() in (",", "\\cup"):
             take()
-            out.append(expr(depth))
+            out.append(relation(depth))
         if len(out) > _MAX_ITEMS:
             raise _ParseError("too many items")
         return out
+
+    def relation(depth: int) -> Value:  # ratio (relop ratio)*, a chain such as a < x <= b
+        sides, ops = [ratio(depth)], []
+        while peek() in _RELOPS:
+            ops.append(take())
+            sides.append(ratio(depth))
+        return _relation(sides, ops) if ops else sides[0]
+
+    def ratio(depth: int) -> Value:  # expr (":" expr)*
+        parts = [expr(depth)]
+        while peek() == ":":
+            take()
+            parts.append(expr(depth))
+        return ("ratio", tuple(_binary(p, parts[0], "/") for p in parts[1:])) if parts[1:] else parts[0]
 
     def expr(depth: int) -> Value:  # term (("+" | "-") term)*
         left = term(depth)
@@ -385,13 +513,13 @@ def _parse(text: str) -> Value | None:
             left = _binary(left, term(depth), op)
         return left
 
-    def term(depth: int) -> Value:  # unary (("*" | "/") unary | implicit power)*
+    def term(depth: int) -> Value:  # unary (("*" | "/") unary | implicit product)*
         left = unary(depth)
         while tok := peek():
             if tok in ("*", "/"):
                 take()
                 left = _binary(left, unary(depth), tok)
-            elif tok[0].isalpha() or tok in ("\\frac", "\\sqrt", "\\pi", "(", "{"):
+            elif tok[0].isalpha() or tok in _GREEK or tok in ("\\frac", "\\sqrt", "\\pi", "(", "{"):
                 left = _binary(left, power(depth), "*")  # 2x, 2\pi, 3\sqrt{2}, x(x+1)
             else:
                 break
@@ -417,15 +545,19 @@ def _parse(text: str) -> Value | None:
             raise _ParseError("too deeply nested")
         tok = take()
         if tok[0].isdigit() or tok[0] == ".":
-            f = Fraction(tok)  # exact: "0.5" is 1/2
+            f = Fraction(tok)  # exact: "0.5" is 1/2, "1e6" is 10^6
             return sympy.Rational(f.numerator, f.denominator)
-        if tok[0].isalpha():
-            return sympy.Symbol(tok)
-        if tok == "\\pi":
-            return sympy.pi
+        if tok[0].isalpha() or tok in _GREEK:
+            return sympy.Symbol(tok.lstrip("\\"))
+        if tok in ("\\pi", "\\infty"):
+            return sympy.pi if tok == "\\pi" else sympy.oo
         if tok in _OPENERS:
             values = items(depth + 1)
-            take(_OPENERS[tok])
+            close = take()
+            if tok in "([" and close in ")]" and len(values) == 2:
+                return (tok + close, tuple(values))  # a tuple, or an interval [a, b), (a, b]
+            if close != _OPENERS[tok]:
+                raise _ParseError(f"expected {_OPENERS[tok]}")
             if len(values) == 1 and tok != "\\{":
                 return values[0]  # plain grouping
             return (_KINDS[tok], tuple(values))
@@ -443,7 +575,7 @@ def _parse(text: str) -> Value | None:
             return _power(arg(depth + 1), sympy.Rational(1, int(index)))
         raise _ParseError(f"unexpected {tok}")
 
-    def arg(depth: int) -> Value:  # {...}, or a single digit or letter as in \frac12
+    def arg(depth: int) -> Value:  # {...}, or a single digit or letter as in \sqrt2
         tok = peek()
         if tok[:1].isdigit() and len(tok) > 1:
             tokens[pos] = tok[1:]  # leave the other digits for the next argument
@@ -454,10 +586,22 @@ def _parse(text: str) -> Value | None:
         values = items(0)
         if pos != len(tokens):
             return None
-        value: Value = values[0] if len(values) == 1 else ("{}", tuple(values))  # bare list: a set
+        value: Value = values[0] if len(values) == 1 else ("list", tuple(values))
         return value if _finite(value) else None
-    except (_ParseError, RecursionError, ZeroDivisionError, ValueError):
+    except (_ParseError, RecursionError, ZeroDivisionError, ValueError, TypeError):
         return None
+
+
+def _relation(sides: list[Value], ops: list[str]) -> Value:
+    """A relation chain, turned to face "<" ("5 >= x" is "x <= 5"). An equation between
+    constants that holds, such as "6/2 = 3", is just its value."""
+    sides = [_scalar(s) for s in sides]
+    if all(op[0] == ">" for op in ops):
+        sides, ops = sides[::-1], [op.replace(">", "<") for op in reversed(ops)]
+    if set(ops) == {"="} and not any(s.free_symbols for s in sides) and \
+            all(_exprs_equal(sides[0], s, Fraction(0)) for s in sides[1:]):
+        return sides[0]
+    return ("rel " + " ".join(ops), tuple(sides))
 
 
 def _scalar(v: Value) -> sympy.Expr:
@@ -505,7 +649,7 @@ def _size(e: sympy.Expr) -> tuple[int, int]:
     if e.is_Symbol:
         return _SYMBOL_BITS, 0
     if e.is_Atom:
-        return 2, 0  # pi, I
+        return 2, 0  # pi, oo
     if e.is_Pow and e.exp.is_Rational:
         return _pow_size(_size(e.base), abs(int(e.exp.p)), int(e.exp.q))
     if e.is_Add or e.is_Mul:
@@ -515,32 +659,75 @@ def _size(e: sympy.Expr) -> tuple[int, int]:
 
 
 def _finite(v: Value) -> bool:
-    """False if the value contains an infinity or NaN (e.g. from 0^-1 after evaluation)."""
+    """False if the value holds a division by zero or NaN (e.g. from 0^-1); oo is allowed."""
     if isinstance(v, tuple):
         return all(_finite(item) for item in v[1])
-    return not v.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
+    return not v.has(sympy.zoo, sympy.nan)
 
 
-# 2d. equality
+# 2e. equality
 
-def _values_equal(a: Value, b: Value) -> bool:
-    """Tuples element-wise in order, sets in any order, expressions symbolically."""
-    if isinstance(a, tuple) or isinstance(b, tuple):
-        if not (isinstance(a, tuple) and isinstance(b, tuple)) or a[0] != b[0] or len(a[1]) != len(b[1]):
-            return False
-        if a[0] != "{}":
-            return all(_values_equal(x, y) for x, y in zip(a[1], b[1]))
-        unused = list(b[1])
-        for x in a[1]:  # greedy matching is enough for answer lists
-            hit = next((i for i, y in enumerate(unused) if _values_equal(x, y)), None)
-            if hit is None:
-                return False
-            unused.pop(hit)
+def _values_equal(a: Value, b: Value, tol: Fraction) -> bool:
+    """Relations as relations, tuples in order, sets in any order, expressions symbolically."""
+    a_kind, b_kind = (v[0] if isinstance(v, tuple) else "" for v in (a, b))
+    if a_kind.startswith("rel") and b_kind.startswith("rel"):
+        return _relations_equal(a, b, tol)
+    if a_kind.startswith("rel") or b_kind.startswith("rel"):  # "x = 5" vs 5, "x > 1" vs (1, oo)
+        rel, other = (a, b) if a_kind.startswith("rel") else (b, a)
+        meaning = _named_value(rel)
+        meaning = _as_interval(rel) if meaning is None else meaning
+        return meaning is not None and _values_equal(meaning, other, tol)
+    if a_kind in ("{}", "list") and len(a[1]) == 1 and not b_kind:
+        return _values_equal(a[1][0], b, tol)  # a one-element set is its element
+    if b_kind in ("{}", "list") and len(b[1]) == 1 and not a_kind:
+        return _values_equal(a, b[1][0], tol)
+    if not a_kind or not b_kind:
+        return not a_kind and not b_kind and _exprs_equal(a, b, tol)
+    if {a_kind, b_kind} <= {"{}", "list"}:  # sets: each item of one side is in the other
+        return all(any(_values_equal(x, y, tol) for y in b[1]) for x in a[1]) and \
+            all(any(_values_equal(x, y, tol) for x in a[1]) for y in b[1])
+    if a_kind == b_kind or {a_kind, b_kind} == {"()", "list"}:  # a bare list matches a tuple in order
+        return len(a[1]) == len(b[1]) and all(_values_equal(x, y, tol) for x, y in zip(a[1], b[1]))
+    return False
+
+
+def _named_value(rel: Value) -> Value | None:
+    """"x = 5" or "5 = x" names the value 5. "a + 3z = 0" names nothing: it never equals 0."""
+    if rel[0] != "rel =" or len(rel[1]) != 2:
+        return None
+    left, right = rel[1]
+    return right if left.is_Symbol else left if right.is_Symbol else None
+
+
+def _as_interval(rel: Value) -> Value | None:
+    """"x > 1" is (1, oo), "1 < x <= 2" is (1, 2]: the values of a lone variable."""
+    ops, sides = rel[0].split()[1:], rel[1]
+    if not set(ops) <= {"<", "<="} or sum(s.is_Symbol for s in sides) != 1 or \
+            any(s.free_symbols for s in sides if not s.is_Symbol):
+        return None
+    if len(sides) == 2 and sides[0].is_Symbol:   # x < c
+        sides, ops = (-sympy.oo, *sides), ["<", *ops]
+    elif len(sides) == 2:                        # c < x
+        sides, ops = (*sides, sympy.oo), [*ops, "<"]
+    if not sides[1].is_Symbol:
+        return None
+    return ("(" if ops[0] == "<" else "[") + (")" if ops[1] == "<" else "]"), (sides[0], sides[2])
+
+
+def _relations_equal(a: Value, b: Value, tol: Fraction) -> bool:
+    """Same relation and the same sides, or for two-sided ones the same side differences:
+    "y = 2x - 3" is "2x - y = 3"; "x - y = 2" is "y - x = -2" (only "=" and "!=" flip)."""
+    if a[0] != b[0] or len(a[1]) != len(b[1]):
+        return False
+    if all(_exprs_equal(x, y, tol) for x, y in zip(a[1], b[1])):
         return True
-    return _exprs_equal(a, b)
+    if len(a[1]) != 2:
+        return False
+    diff_a, diff_b = a[1][0] - a[1][1], b[1][0] - b[1][1]
+    return _exprs_equal(diff_a, diff_b, tol) or (a[0] in ("rel =", "rel !=") and _exprs_equal(diff_a, -diff_b, tol))
 
 
-def _exprs_equal(a: sympy.Expr, b: sympy.Expr) -> bool:
+def _exprs_equal(a: sympy.Expr, b: sympy.Expr, tol: Fraction) -> bool:
     """Equal if structurally equal, or equal at three rational sample points.
 
     Evaluating at points replaces simplify()/expand(), whose cost is unbounded;
@@ -550,7 +737,7 @@ def _exprs_equal(a: sympy.Expr, b: sympy.Expr) -> bool:
         return True
     symbols = sorted(a.free_symbols | b.free_symbols, key=str)
     if not symbols:
-        return _numbers_close(a, b)
+        return _numbers_close(a, b, tol)
     if len(symbols) > _MAX_SYMBOLS:
         return False
     checked = 0
@@ -559,22 +746,23 @@ def _exprs_equal(a: sympy.Expr, b: sympy.Expr) -> bool:
         va, vb = a.xreplace(point), b.xreplace(point)
         if not (_finite(va) and _finite(vb)):
             continue  # the point is a pole, e.g. of 1/(17x-13) at x = 13/17
-        if not _numbers_close(va, vb):
+        if not _numbers_close(va, vb, tol):
             return False
         checked += 1
     return checked >= 2
 
 
-def _numbers_close(a: sympy.Expr, b: sympy.Expr) -> bool:
-    """Compare two constant expressions: exactly for rationals, else to 30 digits."""
+def _numbers_close(a: sympy.Expr, b: sympy.Expr, tol: Fraction) -> bool:
+    """Two constants: rationals exactly (or within tol), others to 30 digits (or tol); oo is oo."""
     if a.is_Rational and b.is_Rational:
-        return _close(Fraction(int(a.p), int(a.q)), Fraction(int(b.p), int(b.q)))
-    if not (a.is_number and b.is_number):
-        return False
+        return _close(Fraction(int(a.p), int(a.q)), Fraction(int(b.p), int(b.q)), tol)
+    if not (a.is_number and b.is_number and a.is_finite and b.is_finite):
+        return a == b
     da, db = sympy.N(a, 30), sympy.N(b, 30)
     diff, scale = sympy.Abs(da - db), sympy.Max(sympy.Abs(da), sympy.Abs(db))
+    rel = max(tol, Fraction(1, 10**20))  # 1e-20: rounding at 30 digits
     # Relative tolerance, plus an absolute floor for values that are 0 up to rounding.
-    return bool(diff <= scale * sympy.Rational(1, 10**6) or diff < sympy.Float("1e-20", 30))
+    return bool(diff <= scale * sympy.Rational(rel.numerator, rel.denominator) or diff < sympy.Float("1e-20", 30))
 
 
 # ----------------------------------------------------------------------------

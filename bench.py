@@ -363,7 +363,9 @@ HOSTILE = {"tower 9^9^9^9^9": "9^9^9^9^9", "tower 2^{2^{2^{2^{2^{2}}}}}": "2^{2^
            "\\frac nested 200 deep": "\\frac{1}{" * 200 + "2" + "}" * 200,
            "\\frac nested 19 deep": "\\frac{1}{" * 19 + "x" + "}" * 19,
            "\\sqrt nested 40 deep": "\\sqrt{" * 40 + "2" + "}" * 40,
-           "5000-digit fraction": "1" * 5000 + "/" + "7" * 4999, "(x+1)^{1000}": "(x+1)^{1000}"}
+           "5000-digit fraction": "1" * 5000 + "/" + "7" * 4999, "(x+1)^{1000}": "(x+1)^{1000}",
+           "1200 \\text{a}": "\\text{a}" * 1200, "1900 ' and '": " and " * 1900,
+           "100,000 boxes": "}" + "\\boxed{1}" * 100_000 + "\\boxed{"}
 
 
 def bench_checker(path: str, repeats: int) -> dict:

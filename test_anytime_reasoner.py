@@ -784,93 +784,197 @@ def test_score_summary_format_rules():
 # answer checker: a table of pairs, hostile inputs, no eval, time bounds
 # ----------------------------------------------------------------------------
 
+# Each case is (rule, given, truth, expected). The rule names the stage of the checker
+# that decides the case: a function of ar._RULES (test_each_rule_is_needed removes it
+# and expects some of its cases to flip), or a comparison stage of answers_match.
 MATCH_CASES = [
-    # exact / normalised strings
-    ("18", "18", True),
-    ("1,000", "1000", True),
-    ("1000", "1,000", True),
-    ("1,000,000", "10^6", True),
-    ("\\$18", "18", True),
-    ("$18$", "18", True),
-    ("50\\%", "50", True),
-    ("50%", "0.5 \\cdot 100", True),
-    ("18.", "18", True),
-    ("18 \\text{ dollars}", "18", True),
-    ("18 dollars", "18", True),
-    ("5\\mbox{ cm}", "5", True),
-    ("5 \\text{cm}^2", "5", True),
-    ("\\text{(A)}", "(A)", True),
-    ("\\text{(A)}", "A", True),
-    ("\\left( 1, 2 \\right)", "(1,2)", True),
-    ("1\\!000", "1000", True),
-    ("18\\ \\text{dollars}", "18", True),
-    ("x^{2}", "x^2", True),
-    ("3\\,\\pi", "3\\pi", True),
-    ("90^\\circ", "90", True),
-    ("90^{\\circ}", "90", True),
-    # numbers
-    ("18.00", "18", True),
-    ("0.5", "1/2", True),
-    ("-0.25", "-1/4", True),
-    ("0.333333", "\\frac{1}{3}", True),
-    # fractions, powers, roots
-    ("0.5", "\\frac{1}{2}", True),
-    ("\\dfrac{3}{4}", "0.75", True),
-    ("\\tfrac{3}{4}", "\\frac34", True),
-    ("\\frac12", "0.5", True),
-    ("2^{10}", "1024", True),
-    ("2^{-1}", "0.5", True),
-    ("\\sqrt{8}", "2\\sqrt{2}", True),
-    ("\\sqrt[3]{27}", "3", True),
-    ("\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True),
-    ("\\sqrt{2}+\\sqrt{3}", "\\sqrt{5+2\\sqrt{6}}", True),
-    # algebra, constants, implicit multiplication, unary minus
-    ("2x+3", "3+2x", True),
-    ("x(x+1)", "x^2+x", True),
-    ("\\frac{x^2-1}{x-1}", "x+1", True),
-    ("(a+b)^2", "a^2+2ab+b^2", True),
-    ("2\\pi", "\\pi \\cdot 2", True),
-    ("3 \\times 4", "12", True),
-    ("3\\sqrt{2}", "\\sqrt{18}", True),
-    ("-5", "- 5", True),
-    ("-x^2", "-(x^2)", True),
-    ("\\frac{-1}{2}", "-\\frac{1}{2}", True),
-    # tuples and sets
-    ("(1, 2)", "(1,2)", True),
-    ("(1, \\frac{1}{2})", "(1, 0.5)", True),
-    ("\\{1,2\\}", "\\{2,1\\}", True),
-    ("2, 1", "1, 2", True),
-    # equations
-    ("x = 5", "5", True),
-    ("a=5", "5", True),
-    ("y = 3+2x", "y=2x+3", True),
-    # must be False
-    ("18", "19", False),
-    ("1/2", "0.49", False),
-    ("(1,2)", "(2,1)", False),
-    ("[1,2]", "(1,2)", False),
-    ("(1,000)", "1000", False),
-    ("2x", "3x", False),
-    ("x^2", "2x", False),
-    ("x", "y", False),
-    ("\\sqrt{2}", "1.41", False),
-    ("\\pi", "3.14", False),
-    ("x = 5", "y = 5", False),
-    ("yes", "sey", False),
-    ("\\frac{1}{0}", "\\frac{2}{0}", False),
-    (None, "5", False),
-    ("", "5", False),
-    ("   ", "", False),
+    # string stage: equal after normalisation
+    ("exact", "18", "18", True),
+    ("exact", "\\text{odd}", "odd", True),
+    ("exact", "\\text{odd}", "\\text{oddd}", False),
+    ("exact", "yes", "sey", False),
+    ("exact", "f'", "f'", True),
+    ("_replace_all", "\\$18", "18", True),
+    ("_replace_all", "$18$", "18", True),
+    ("_replace_all", "\\left( 1, 2 \\right)", "(1,2)", True),
+    ("_replace_all", "1\\!000", "1000", True),
+    ("_replace_all", "3\\,\\pi", "3\\pi", True),
+    ("_replace_all", "90^\\circ", "90", True),
+    ("_replace_all", "90^{\\circ}", "90", True),
+    ("_replace_all", "\\dfrac{3}{4}", "0.75", True),
+    ("_replace_all", "\\cfrac{1}{2}", "0.5", True),
+    ("_replace_all", "x \\geq 5", "x >= 5", True),
+    ("_replace_all", "x \\ne 2", "x \\neq 2", True),
+    ("_replace_all", "\\\\frac{1}{2}", "0.5", True),  # a doubly escaped command
+    ("_replace_all", "4210_{7}", "4210_7", True),
+    # units and words
+    ("_unwrap_text", "18 \\text{ dollars}", "18", True),
+    ("_unwrap_text", "5\\mbox{ cm}", "5", True),
+    ("_unwrap_text", "5 \\text{cm}^2", "5", True),
+    ("_unwrap_text", "60 \\text{ km/h}", "60", True),
+    ("_unwrap_text", "\\text{(A)}", "(A)", True),
+    ("_unwrap_text", "18\\ \\text{dollars}", "18", True),
+    ("_unwrap_text", "2 \\text{ hours } 30 \\text{ minutes}", "230", False),  # text never glues numbers
+    ("_drop_trailing_unit", "18 dollars", "18", True),
+    ("_drop_trailing_unit", "50 km/h", "50", True),
+    ("_drop_trailing_unit", "9.8 m/s^2", "9.8", True),
+    ("_drop_trailing_unit", "10 square units", "10", True),
+    ("_drop_trailing_unit", "18 dollars", "19", False),
+    ("_drop_approx", "\\frac{\\sqrt{3}}{3} \\approx 0.577", "\\frac{\\sqrt{3}}{3}", True),
+    ("_drop_approx", "\\frac{2}{3} \\approx 0.67", "0.67", False),
+    ("_choice_letter", "\\text{(A)}", "A", True),
+    ("_choice_letter", "C. x = 42", "C", True),
+    ("_choice_letter", "(B)", "C", False),
+    # several answers: "and" lists, \pm, sets
+    ("_join_words", "6 \\text{ and } 8", "6,8", True),
+    ("_join_words", "4 and 9", "9, 4", True),
+    ("_join_words", "7, -2, \\text{ and } -5", "-5,-2,7", True),
+    ("_join_words", "x < 0 \\text{ or } x > 1", "(-\\infty, 0) \\cup (1, \\infty)", True),
+    ("_join_words", "12 \\text{ and } 5", "125", False),  # a list, not the digits glued
+    ("_plus_minus", "1 \\pm \\sqrt{2}", "1+\\sqrt{2}, 1-\\sqrt{2}", True),
+    ("_plus_minus", "x = \\pm 3", "3, -3", True),
+    ("_plus_minus", "\\pm 3", "3", False),
+    ("set", "\\{1,2\\}", "\\{2,1\\}", True),
+    ("set", "2, 1", "1, 2", True),
+    ("set", "\\{5\\}", "5", True),
+    ("set", "4, 9", "4", False),
+    ("set", "\\sqrt{67},-\\sqrt{85}", "\\sqrt{67}", False),
+    # numbers: thousands separators, mixed numbers, exponents, percent, tolerance
+    ("_drop_thousands", "1,000", "1000", True),
+    ("_drop_thousands", "1000", "1,000", True),
+    ("_drop_thousands", "1,000,000", "10^6", True),
+    ("_drop_thousands", "1, 000", "1000", True),
+    ("_drop_thousands", "1 000", "1000", True),
+    ("_drop_thousands", "32,\\! 349", "32349", True),
+    ("_drop_thousands", "\\$1,000.50", "1000.5", True),
+    ("_drop_thousands", "x = 192,000,000", "192000000", True),
+    ("_drop_thousands", "1,0000", "10000", False),  # not groups of three: a list
+    ("_drop_thousands", "10,00", "1000", False),
+    ("_drop_thousands", "(1,000)", "1000", False),  # a tuple
+    ("_drop_thousands", "1 2", "12", False),  # a space never glues digits
+    ("_mixed_numbers", "918\\frac{1}{2}", "918.5", True),
+    ("_mixed_numbers", "2\\frac{5}{8}", "2.625", True),
+    ("_mixed_numbers", "1\\frac12", "1.5", True),
+    ("_mixed_numbers", "-1\\frac{1}{3}", "-\\frac43", True),
+    ("_mixed_numbers", "1 1/2", "1.5", True),
+    ("_mixed_numbers", "918\\frac{1}{2}", "459", False),  # not 918 * 1/2
+    ("_mixed_numbers", "2\\frac{1}{2}", "1", False),
+    ("_mixed_numbers", "x^2\\frac{1}{2}", "\\frac{x^2}{2}", True),  # an exponent is no whole part
+    ("number", "18.00", "18", True),
+    ("number", ".185", "0.185", True),
+    ("number", "1e6", "1000000", True),
+    ("number", "2.5e3", "2500", True),
+    ("number", "1e3", "100", False),
+    ("number", "1000001", "1000000", False),  # integers compare exactly
+    ("number", "192000001", "192000000", False),
+    ("number", "99", "100", False),
+    ("number", "-5", "- 5", True),
+    ("percent", "50\\%", "50", True),
+    ("percent", "10\\%", "0.1", True),
+    ("percent", "50%", "0.5 \\cdot 100", True),
+    ("percent", "25\\%", "2.5", False),
+    ("percent", "0.25", "25", False),  # no % sign, no percent reading
+    ("tolerance", "0.333333", "\\frac{1}{3}", True),  # a rounded decimal: 1e-6 relative
+    ("tolerance", "1.41421356", "\\sqrt{2}", True),
+    ("tolerance", "0.333", "\\frac{1}{3}", False),
+    ("tolerance", "0.9999", "1", False),
+    ("tolerance", "1/2", "0.49", False),
+    ("tolerance", "\\sqrt{2}", "1.41", False),
+    ("tolerance", "\\pi", "3.14", False),
+    ("tolerance", "5", "5.001", False),
+    # the parser: fractions, powers, roots, algebra
+    ("parse", "0.5", "\\frac{1}{2}", True),
+    ("parse", "\\tfrac{3}{4}", "\\frac34", True),
+    ("parse", "2^{10}", "1024", True),
+    ("parse", "2^{-1}", "0.5", True),
+    ("parse", "\\sqrt{8}", "2\\sqrt{2}", True),
+    ("parse", "\\sqrt[3]{27}", "3", True),
+    ("parse", "\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True),
+    ("parse", "\\sqrt{2}+\\sqrt{3}", "\\sqrt{5+2\\sqrt{6}}", True),
+    ("parse", "x^{2}", "x^2", True),
+    ("parse", "2x+3", "3+2x", True),
+    ("parse", "x(x+1)", "x^2+x", True),
+    ("parse", "\\frac{x^2-1}{x-1}", "x+1", True),
+    ("parse", "(a+b)^2", "a^2+2ab+b^2", True),
+    ("parse", "2\\pi", "\\pi \\cdot 2", True),
+    ("parse", "3 \\times 4", "12", True),
+    ("parse", "3\\sqrt{2}", "\\sqrt{18}", True),
+    ("parse", "-x^2", "-(x^2)", True),
+    ("parse", "\\frac{-1}{2}", "-\\frac{1}{2}", True),
+    ("parse", "x_1 + x_2", "x_{2} + x_{1}", True),
+    ("parse", "\\theta^2", "\\theta \\cdot \\theta", True),
+    ("parse", "2x", "3x", False),
+    ("parse", "x^2", "2x", False),
+    ("parse", "x", "y", False),
+    ("parse", "\\frac{1}{0}", "\\frac{2}{0}", False),
+    # tuples, intervals, matrices, ratios
+    ("tuple", "(1, 2)", "(1,2)", True),
+    ("tuple", "(1, \\frac{1}{2})", "(1, 0.5)", True),
+    ("tuple", "1, 2", "(1, 2)", True),  # a bare list matches a tuple in order
+    ("tuple", "(1,2)", "(2,1)", False),
+    ("tuple", "2, 1", "(1, 2)", False),
+    ("tuple", "[1,2]", "(1,2)", False),
+    ("interval", "[1, 2)", "[1,2)", True),
+    ("interval", "(-\\infty, 3]", "(-\\infty,3]", True),
+    ("interval", "(-\\infty, 0) \\cup (1, \\infty)", "(-\\infty,0)\\cup(1,\\infty)", True),
+    ("interval", "[1,2)", "[1,2]", False),
+    ("interval", "(0, 1]", "[0, 1)", False),
+    ("interval", "x \\geq 5", "[5, \\infty)", True),
+    ("interval", "-1 < x < 4", "(-1, 4)", True),
+    ("interval", "x > 5", "[5, \\infty)", False),
+    ("_drop_defined_name", "x \\in [1,2]", "[1,2]", True),
+    ("_drop_defined_name", "f(x) = 2x + 3", "y = 2x + 3", True),
+    ("_drop_defined_name", "f(x) = 2x + 3", "2x + 3", True),
+    ("_drop_defined_name", "x \\in [1,2]", "(1,2)", False),
+    ("_matrix_rows", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{bmatrix} 1 & 2 \\\\ 3 & 4 \\end{bmatrix}", True),
+    ("_matrix_rows", "\\begin{pmatrix} 2 \\\\ -1 \\end{pmatrix}", "(2, -1)", True),
+    ("_matrix_rows", "\\begin{pmatrix} 1 & \\frac12 \\end{pmatrix}", "\\begin{bmatrix} 1 & 0.5 \\end{bmatrix}", True),
+    ("_matrix_rows", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}", False),
+    ("_matrix_rows", "\\begin{vmatrix}1&2\\\\3&4\\end{vmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", False),
+    ("ratio", "40:14", "20:7", True),
+    ("ratio", "2:3:4", "4:6:8", True),
+    ("ratio", "3:4", "4:3", False),
+    ("ratio", "3:30", "1:10", False),  # a time, compared as a string
+    # relations and equations
+    ("relation", "5 \\geq x", "x \\leq 5", True),
+    ("relation", "x \\le 3", "3 \\ge x", True),
+    ("relation", "x > 5", "x \\geq 5", False),
+    ("relation", "x < 3", "x > 3", False),
+    ("equation", "x = 5", "5", True),
+    ("equation", "a=5", "5", True),
+    ("equation", "k=1", "1", True),
+    ("equation", "y = 3+2x", "y=2x+3", True),
+    ("equation", "2x - y = 3", "y = 2x - 3", True),
+    ("equation", "-34x-45y+20z-100=0", "34x+45y-20z+100=0", True),
+    ("equation", "\\frac{12}{4} = 3", "3", True),  # a true equation between constants is its value
+    ("equation", "x = 1, y = 2", "1, 2", True),
+    ("equation", "0", "a + 3z = 0", False),  # only a lone variable names the answer
+    ("equation", "1", "2x + z = 1", False),
+    ("equation", "x = 5", "y = 5", False),
+    ("equation", "x = 7", "x = 8", False),
+    ("equation", "5x - 7y + 11z + 4 = 0", "x + y - z + 2 = 0", False),
+    # nothing to compare
+    ("empty", None, "5", False),
+    ("empty", "", "5", False),
+    ("empty", "   ", "", False),
 ]
 
 
-@pytest.mark.parametrize("given,truth,expected", MATCH_CASES)
-def test_answers_match(given: str | None, truth: str, expected: bool) -> None:
+@pytest.mark.parametrize("rule,given,truth,expected", MATCH_CASES,
+                         ids=[f"{r}:{g}|{t}" for r, g, t, _ in MATCH_CASES])
+def test_answers_match(rule: str, given: str | None, truth: str, expected: bool) -> None:
     assert answers_match(given, truth) is expected
+    if given is not None:
+        assert answers_match(truth, given) is expected  # the checker is symmetric
 
 
-def test_match_table_is_large() -> None:
-    assert len(MATCH_CASES) >= 40
+@pytest.mark.parametrize("rule", ar._RULES, ids=lambda f: f.__name__)
+def test_each_rule_is_needed(rule, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the rule, at least one of the cases labelled with it must change."""
+    cases = [(g, t, e) for r, g, t, e in MATCH_CASES if r == rule.__name__]
+    assert cases, f"no case in MATCH_CASES is labelled {rule.__name__}"
+    monkeypatch.setattr(ar, "_RULES", [r for r in ar._RULES if r is not rule])
+    assert any(answers_match(g, t) is not e for g, t, e in cases)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -878,7 +982,14 @@ def test_match_table_is_large() -> None:
     ("reasoning...\n**Final Answer**\n\n  The answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
     ("**Final Answer**\n\\boxed{\\frac{\\sqrt{2}}{\\{1\\}}}", "\\frac{\\sqrt{2}}{\\{1\\}}"),
     ("**Final Answer**\n\\boxed{1} then \\boxed{2}", "2"),
+    ("**Final Answer**\n$\\boxed{6}$ and $\\boxed{8}$", "6, 8"),        # joined boxes: one list
+    ("**Final Answer**\n\\boxed{3}, \\boxed{-3}.", "3, -3"),
+    ("**Final Answer**\n\\boxed{1} \\text{ or } \\boxed{2}", "1, 2"),
+    ("**Final Answer**\n\\fbox{7}", "7"),
+    ("**Final Answer**\n\\boxed{}", None),                               # an empty box
+    ("**Final Answer**\n\\boxed{ }", None),
     ("**Final Answer**\n\\boxed{7}\n\nLater: \\boxed{8}", "7"),
+    ("**Final Answer**\nThe answer is 7.\n\n\\boxed{8}", None),         # a box in a later paragraph
     ("\\boxed{3} **Final Answer** \\boxed{4}", "4"),
     ("**Final Answer** \\boxed 5", "5"),
     ("no heading, falls back to the whole text \\boxed{9}", "9"),
@@ -890,6 +1001,12 @@ def test_match_table_is_large() -> None:
 ])
 def test_extract_answer(text: str, expected: str | None) -> None:
     assert extract_answer(text) == expected
+
+
+def test_box_in_a_later_paragraph_scores_nothing() -> None:
+    text = "**Final Answer**\nIt is 7.\n\n\\boxed{8}"
+    assert not answers_match(extract_answer(text), "8")
+    assert ar.score_summary(text.removeprefix(ar.ANSWER_HEADING + "\n"), "8", cut_has_eos=False) == 0.0
 
 
 def _payloads(canary: Path) -> list[str]:
@@ -919,18 +1036,28 @@ def test_injection_never_runs(tmp_path: Path) -> None:
 
 
 def test_no_eval_even_if_sympy_would(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every string-evaluating entry point explode; answers must not change."""
+    """Record every call that evaluates a string (answers_match would swallow an exception);
+    none may happen, and the answers must not change."""
+    import sympy
     import sympy.parsing.sympy_parser as sympy_parser
 
-    def boom(*args: object, **kwargs: object) -> None:
-        raise AssertionError("string evaluation was used")
+    calls: list[str] = []
 
-    cases = [(g, t, e) for g, t, e in MATCH_CASES if g is not None][:40]
+    def recording(name: str, real):
+        def wrapper(*args, **kwargs):
+            if args and isinstance(args[0], str):  # imports exec code objects: not ours
+                calls.append(f"{name}({args[0][:40]!r})")
+            return real(*args, **kwargs)
+        return wrapper
+
+    cases = [(g, t, e) for _, g, t, e in MATCH_CASES if g is not None]
     with monkeypatch.context() as m:
-        m.setattr(builtins, "eval", boom)
-        m.setattr(builtins, "exec", boom)
-        m.setattr(sympy_parser, "parse_expr", boom)
+        for module, name in [(builtins, "eval"), (builtins, "exec"), (sympy, "sympify"),
+                             (sympy, "parse_expr"), (sympy_parser, "parse_expr")]:
+            if hasattr(module, name):
+                m.setattr(module, name, recording(name, getattr(module, name)))
         results = [answers_match(g, t) for g, t, _ in cases]
+    assert calls == []
     assert results == [e for _, _, e in cases]
 
 
@@ -983,6 +1110,18 @@ HOSTILE_MATCH = [
     ("\\{" + ",".join(f"\\sqrt{{3^{{600}}+{k}}}" for k in range(16)) + "\\}", "\\{1\\}"),
     ("\\sqrt[100]{2}" * 30, "2"),
     ("\\frac{1}{x-\\frac{13}{17}}", "\\frac{1}{x-\\frac{13}{17}} + 0"),
+    # just under the 10,000 characters that still go through every string rule
+    ("\\text{a}" * 1200, "1"),
+    (" and " * 1900, "1, 1"),
+    ("1 aa " * 1900, "1"),
+    ("\\pm " * 2400, "1"),
+    ("1\\frac{1}{2}" * 800, "1"),
+    ("\\begin{pmatrix}1&2\\\\" * 400, "1"),
+    ("1:" * 4900, "1"),
+    ("x<" * 4900, "1"),
+    ("%" * 9900, "1"),
+    ("1, 000" * 1600, "1000"),
+    ("\\boxed{1}" * 1000, "1"),
 ]
 
 
@@ -1021,6 +1160,12 @@ def test_odd_argument_types_do_not_raise() -> None:
     assert answers_match("5", None) is False  # type: ignore[arg-type]
     assert answers_match(5, "5") is False  # type: ignore[arg-type]
     assert extract_answer(None) is None  # type: ignore[arg-type]
+
+
+def test_long_numbers_compare() -> None:
+    # Python refuses int() of more than 4300 digits: equal strings must still match
+    assert answers_match("1" * 5000, "1" * 5000) is True
+    assert answers_match("1" * 5000, "1" * 4999 + "2") is False
 
 
 def test_deep_nesting_extracts_exactly() -> None:

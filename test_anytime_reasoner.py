@@ -732,7 +732,8 @@ def jsonl_rows(path) -> list[dict]:
 
 def exits_with_one_line(argv, capsys) -> str:
     with pytest.raises(SystemExit) as e:
-        ts.check_out_dir(ts.parse_args(argv))
+        args = ts.parse_args(argv)
+        ts.check_out_dir(args)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err

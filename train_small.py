@@ -689,7 +689,9 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
     metrics_path = os.path.join(args.out_dir, f"metrics{tag}.jsonl")
     eval_path = os.path.join(args.out_dir, f"eval{tag}.jsonl")
     ckpt_path = os.path.join(args.out_dir, f"ckpt{tag}")
-    for path in (metrics_path, eval_path):  # the logs hold this run's steps up to start_step only
+    # A fresh run starts its logs afresh, never after an earlier run's; a resumed run drops the
+    # rows of steps done after its checkpoint (by a run killed between two saves): each step once.
+    for path in (metrics_path, eval_path):
         if start_step == 0:
             open(path, "w").close()
         else:

@@ -1182,6 +1182,42 @@ def run_script(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout, cwd=HERE)
 
 
+def start_script(*args):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(proc, prefix: str):
+    """Read the script's output up to a line starting with prefix."""
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return
+    raise AssertionError(f"no line starting with {prefix!r}; stderr: {proc.stderr.read()[-2000:]}")
+
+
+def tiny_model_dir(tmp_path) -> str:
+    model_dir = tmp_path / "tiny"
+    tok = ts.tiny_tokenizer()
+    ts.tiny_model(tok, hidden=32, layers=1).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def jsonl_rows(path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines()]
+
+
+def exits_with_one_line(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        args = ts.parse_args(argv)
+        ts.check_out_dir(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
 @pytest.mark.skipif(not os.path.isdir(GSM8K), reason="../shared/gsm8k not present")
 def test_gsm8k_parsing():
     train = ts.parse_gsm8k(os.path.join(GSM8K, "train.jsonl"))
@@ -1200,6 +1236,26 @@ def test_gsm8k_malformed_line_names_file_and_line(tmp_path):
     path.write_text('{"question": "q", "answer": "x #### 1"}\n{"question": "q"}\n')
     with pytest.raises(ValueError, match=r"train.jsonl:2: malformed"):
         ts.parse_gsm8k(str(path))
+    path.write_bytes(b'{"question": "q", "answer": "x #### 1"}\n{"question": "caf\xe9", "answer": "#### 2"}\n')
+    with pytest.raises(ValueError, match=r"train.jsonl:2: not UTF-8"):  # Latin-1, not UTF-8
+        ts.parse_gsm8k(str(path))
+
+
+def test_gsm8k_download_has_a_timeout_and_one_clear_error(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+    asked = {}
+
+    def urlopen(url, data=None, timeout=None, **kw):
+        asked["timeout"] = timeout
+        raise urllib.error.URLError("timed out")
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(ts, "CACHE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        ts.load_gsm8k("train", None)
+    assert e.value.code == 2 and asked["timeout"] is not None and 0 < asked["timeout"] <= 300
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not download GSM8K") and "--data-dir" in err and "\n" not in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -1214,22 +1270,124 @@ def test_gsm8k_malformed_line_names_file_and_line(tmp_path):
     (["--data-dir", "/no/such/folder"], "no such folder"),
     (["--traces", "0"], "at least 1"),
     (["--resume", "/no/such/ckpt"], "no args.json"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--lr", "nan"], "--lr must be > 0"),
+    (["--lr", "abc"], "invalid float value"),
+    (["--temperature", "-1"], "--temperature must be > 0"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--eval-temperature", "-0.5"], "--eval-temperature must be >= 0 (0 = greedy)"),
+    (["--weight-decay", "-0.01"], "--weight-decay must be >= 0"),
+    (["--updates-per-rollout", "0"], "--updates-per-rollout must be at least 1"),
+    (["--eval-every", "0"], "--eval-every must be at least 1"),
+    (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--device", "gpu"], "not a device"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--demo", "--model", "Qwen/Qwen3-0.6B"], "--demo builds its own model and data; drop --model"),
+    (["--demo", "--data-dir", GSM8K], "drop --data-dir"),
+    (["--demo", "--resume", "out/ckpt"], "does not resume"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        ts.parse_args(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert message in exits_with_one_line(argv, capsys)
 
 
-def test_bad_input_and_missing_model_give_no_traceback(tmp_path):
-    r = run_script("--prior", "cosine")
-    assert r.returncode == 2 and "unknown prior" in r.stderr and "Traceback" not in r.stderr
-    if os.path.isdir(GSM8K):
-        r = run_script("--model", str(tmp_path / "no-model"), "--data-dir", GSM8K)
-        assert r.returncode == 2 and "Traceback" not in r.stderr
-        assert "could not load model" in r.stderr and "--model" in r.stderr
+def test_greedy_evaluation_is_allowed_and_said():
+    import dataclasses
+    assert ts.parse_args(["--eval-temperature", "0"]).eval_temperature == 0
+    lines = {f.name: ts.flag_help(f) for f in dataclasses.fields(ts.Args)}
+    assert "0 = greedy" in lines["eval_temperature"] and "> 0" in lines["temperature"]
+
+
+def test_out_dir_is_checked_before_anything_loads(tmp_path, monkeypatch, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert "is a file, not a folder" in exits_with_one_line(["--out-dir", str(file)], capsys)
+    assert "is a file, not a folder" in exits_with_one_line(["--out-dir", str(file / "sub")], capsys)
+    run = tmp_path / "run"   # a fresh run must not append to an earlier run's logs
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "ckpt").mkdir()
+    err = exits_with_one_line(["--out-dir", str(run)], capsys)
+    assert "already holds a run" in err and "--overwrite" in err and f"--resume {run / 'ckpt'}" in err
+    ts.check_out_dir(ts.parse_args(["--out-dir", str(run), "--overwrite"]))
+    ts.check_out_dir(ts.parse_args(["--demo", "--out-dir", str(run)]))     # the demo starts afresh
+    ts.check_out_dir(ts.parse_args(["--out-dir", str(tmp_path / "new" / "deeper")]))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only (root may write anywhere)
+    assert "is not writable" in exits_with_one_line(["--out-dir", str(tmp_path / "new")], capsys)
+
+
+def test_bad_input_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    """Caught before any data or model loads: no traceback, exit code 2, the file named."""
+    bad = tmp_path / "data"
+    bad.mkdir()
+    (bad / "train.jsonl").write_bytes(b'{"question": "\xff", "answer": "#### 1"}\n')
+    (bad / "test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    file = tmp_path / "file"
+    file.write_text("x")
+    for argv, message in [(["--lr", "-1"], "--lr must be > 0"),
+                          (["--out-dir", str(file)], "is a file"),
+                          (["--demo", "--model", "x"], "drop --model"),
+                          (["--data-dir", str(bad), "--out-dir", str(tmp_path / "o")],
+                           f"{bad / 'train.jsonl'}:1: not UTF-8")]:
+        r = run_script(*argv)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.stderr[-2000:])
+        assert r.stderr.startswith("error: ") and message in r.stderr and r.stderr.count("\n") == 1, argv
+
+
+@pytest.mark.skipif(not os.path.isdir(GSM8K), reason="../shared/gsm8k not present")
+def test_missing_model_is_one_line_that_says_what_to_do(tmp_path):
+    r = run_script("--model", str(tmp_path / "no-model"), "--data-dir", GSM8K, "--out-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "could not load model" in r.stderr and "hf download" in r.stderr and "--model" in r.stderr
+
+
+def test_help_explains_every_flag():
+    import dataclasses
+    r = run_script("--help")
+    assert r.returncode == 0
+    text = "".join(r.stdout.split())   # argparse wraps lines, at spaces and hyphens
+    for f in dataclasses.fields(ts.Args):
+        flag = "--" + f.name.replace("_", "-")
+        line = ts.flag_help(f)
+        assert flag in text and "".join(line.split()) in text, flag
+        assert len(f.metadata["help"].split()) >= 4, flag   # words, not just a default
+        assert ("; demo: " in line) == (f.name in ts.DEMO), flag
+    assert "demo only" in ts.flag_help(next(f for f in dataclasses.fields(ts.Args) if f.name == "warmup_steps"))
+    assert "[default:512;demo:24]" in text and "[default:0.01;demo:0.0]" in text and "[default:0.0]" in text
+
+
+def test_args_is_the_one_source_of_flags_defaults_and_args_json():
+    import dataclasses
+    a = ts.parse_args([])
+    assert list(dataclasses.asdict(a)) == [f.name for f in dataclasses.fields(ts.Args)]
+    assert (a.lr, a.temperature, a.steps, a.updates_per_rollout, a.weight_decay, a.stop_at_box) == \
+        (1e-6, 1.0, 200, 2, 0.01, False)
+    assert a.budgets == [128, 256, 384, 512] and a.prior == "uniform" and a.num_summaries == 4
+    d = ts.parse_args(["--demo"])
+    assert {k: getattr(d, k) for k in ts.DEMO} == ts.DEMO
+    assert (d.updates_per_rollout, d.weight_decay, d.stop_at_box, d.budgets) == (1, 0.0, False, [6, 12, 18, 24])
+    assert ts.parse_args(["--demo", "--stop-at-box"]).stop_at_box is True
+    assert ts.parse_args(["--stop-at-box", "--updates-per-rollout", "3", "--weight-decay", "0"]).stop_at_box
+
+
+def test_figure_title_names_model_preset_temperature_and_questions(tmp_path, monkeypatch):
+    results = {"before": {"budgets": [8, 16], "accuracy": [0.1, 0.5], "anytime_score": 0.3},
+               "after": {"budgets": [8, 16], "accuracy": [0.4, 0.6], "anytime_score": 0.5}}
+    title = ts.figure_title("Qwen/Qwen2.5-0.5B-Instruct", "ar-uniform", 200, 0.6)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # without matplotlib: the text chart
+    ts.plot_curves(results, str(tmp_path / "a.png"), title)
+    first = (tmp_path / "a.txt").read_text().splitlines()[0]
+    for words in ("Qwen/Qwen2.5-0.5B-Instruct", "ar-uniform", "200 held-out questions", "temperature 0.6"):
+        assert words in first
+
+
+def test_figure_title_on_the_png(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    shown = []
+    monkeypatch.setattr(plt, "savefig", lambda *a, **k: shown.append(plt.gca().get_title()))
+    results = {"after": {"budgets": [8, 16], "accuracy": [0.4, 0.6], "anytime_score": 0.5}}
+    ts.plot_curves(results, str(tmp_path / "a.png"), ts.figure_title("m", "grpo", 7, 0.0))
+    assert shown == [ts.figure_title("m", "grpo", 7, 0.0)] and "7 held-out questions" in shown[0]
 
 
 def test_demo_smoke(tmp_path):
@@ -1237,65 +1395,139 @@ def test_demo_smoke(tmp_path):
                    "--questions-per-step", "2", "--traces", "2", "--out-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ar-uniform" in r.stdout and "grpo" in r.stdout and "anytime" in r.stdout
+    assert "tiny demo model, ar-uniform vs grpo: accuracy on 4 held-out questions, temperature 0.6" in r.stdout
     results = json.loads((tmp_path / "demo_results.json").read_text())
     assert set(results) >= {"before", "ar-uniform", "grpo"}
     assert len(results["before"]["accuracy"]) == 8        # the 3-token grid up to 24
     for tag in ("ar-uniform", "grpo"):
-        rows = [json.loads(x) for x in (tmp_path / f"metrics-{tag}.jsonl").read_text().splitlines()]
-        assert [x["step"] for x in rows] == [1]
+        rows = jsonl_rows(tmp_path / f"metrics-{tag}.jsonl")
+        assert [x["step"] for x in rows] == [1] and len(rows[0]["questions"]) == 2
 
 
-@pytest.mark.skipif(not os.path.isdir(GSM8K), reason="../shared/gsm8k not present")
+def test_demo_ctrl_c_reruns_afresh_and_never_offers_a_real_run(tmp_path, capsys):
+    """Ctrl-C in the demo says to run the demo again (not a --resume that would start a real
+    run); its checkpoint refuses --resume; a re-run starts its logs afresh; a second Ctrl-C
+    stops at once, in one line, without a traceback."""
+    import signal
+    argv = ["--demo", "--warmup-steps", "3", "--eval-size", "4", "--steps", "1000", "--out-dir", str(tmp_path)]
+    proc = start_script(*argv)
+    wait_for(proc, "ar-uniform    1 |")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "python train_small.py --demo" in out and "--resume" not in out
+    err = exits_with_one_line(["--resume", str(tmp_path / "ckpt-ar-uniform")], capsys)
+    assert "demo, which does not resume" in err
+
+    proc = start_script(*argv)   # again, into the same folder; Ctrl-C twice
+    wait_for(proc, "ar-uniform    1 |")
+    proc.send_signal(signal.SIGINT)
+    wait_for(proc, "Ctrl-C: saving")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("Ctrl-C again: stopped at once")
+    steps = [x["step"] for x in jsonl_rows(tmp_path / "metrics-ar-uniform.jsonl")]
+    assert steps == list(range(1, len(steps) + 1))    # not the first run's steps, then 1, 2, ...
+    assert [x["step"] for x in jsonl_rows(tmp_path / "eval-ar-uniform.jsonl")] == [0]
+
+
+@pytest.mark.skipif(not os.path.isdir(GSM8K) or sys.platform == "win32", reason="needs GSM8K and kill")
 def test_resume_continues_exactly(tmp_path):
-    """2 steps, stop, resume to 4 == 4 steps straight: same step count, appended metrics,
-    and the same rollouts (RNG state and data position restored)."""
-    model_dir = tmp_path / "tiny"
-    tok = ts.tiny_tokenizer()
-    ts.tiny_model(tok, hidden=32, layers=1).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    common = ["--model", str(model_dir), "--data-dir", GSM8K, "--max-think", "16",
+    """A run of 4 steps killed (kill -9) during step 4, its checkpoint at step 2, then a plain
+    --resume == 4 steps straight: it runs to the saved --steps, logs each step once, and trains
+    on the same questions with the same rollouts (data position and RNG state restored)."""
+    common = ["--model", tiny_model_dir(tmp_path), "--data-dir", GSM8K, "--max-think", "16",
               "--questions-per-step", "2", "--traces", "2", "--summary-max-tokens", "4",
-              "--eval-size", "2", "--eval-every", "100", "--save-every", "1", "--device", "cpu"]
+              "--eval-size", "2", "--eval-every", "2", "--save-every", "2", "--steps", "4", "--device", "cpu"]
     a, b = tmp_path / "a", tmp_path / "b"
-    r = run_script(*common, "--steps", "2", "--out-dir", str(a))
+    proc = start_script(*common, "--out-dir", str(a))
+    wait_for(proc, "step    3 |")     # step 3 is logged; the checkpoint is at step 2
+    proc.kill()
+    proc.communicate()
+    assert [x["step"] for x in jsonl_rows(a / "metrics.jsonl")] == [1, 2, 3]
+    r = run_script("--resume", str(a / "ckpt"))
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_script("--resume", str(a / "ckpt"), "--steps", "4")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resumed from" in r.stdout
-    r = run_script(*common, "--steps", "4", "--out-dir", str(b))
+    assert "at step 2 of 4" in r.stdout
+    r = run_script(*common, "--out-dir", str(b))
     assert r.returncode == 0, r.stderr[-2000:]
 
-    def rows(d):
-        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in rows(a)] == [1, 2, 3, 4]
-    assert torch.load(a / "ckpt" / "trainer_state.pt", weights_only=False)["step"] == 4
-    same = ("reward", "acc", "think_len")
-    assert [{k: x[k] for k in same} for x in rows(a)] == [{k: x[k] for k in same} for x in rows(b)]
+    assert [x["step"] for x in jsonl_rows(a / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [x["step"] for x in jsonl_rows(a / "eval.jsonl")] == [0, 2, 4]
+    state = torch.load(a / "ckpt" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 4 and state["optimizer"]["param_groups"][0]["weight_decay"] == 0.01
+    same = ("questions", "reward", "acc", "think_len")
+    rows_a, rows_b = jsonl_rows(a / "metrics.jsonl"), jsonl_rows(b / "metrics.jsonl")
+    assert [{k: x[k] for k in same} for x in rows_a] == [{k: x[k] for k in same} for x in rows_b]
+    assert len({q for x in rows_a for q in x["questions"]}) == 8   # 4 steps x 2 new questions
+
+
+def test_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch, capsys):
+    """A crash between the renames of save_checkpoint leaves ckpt.old and ckpt.tmp but no ckpt:
+    --resume ckpt takes the newest back and says so."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
+    opt = torch.optim.AdamW(model.parameters())
+    args = ts.parse_args(["--out-dir", str(tmp_path)])
+    ckpt = str(tmp_path / "ckpt")
+    ts.save_checkpoint(ckpt, model, tok, opt, 1, 2, args)
+    replace = os.replace
+
+    def crash_before_the_last_rename(src, dst):
+        if src == ckpt + ".tmp":
+            raise KeyboardInterrupt("killed")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", crash_before_the_last_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ts.save_checkpoint(ckpt, model, tok, opt, 2, 4, args)
+    monkeypatch.undo()
+    assert not os.path.exists(ckpt) and os.path.isdir(ckpt + ".tmp")
+    a = ts.parse_args(["--resume", ckpt])
+    assert a.resume == ckpt and "moved it back" in capsys.readouterr().out
+    assert torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)["step"] == 2
+
+    import shutil
+    shutil.rmtree(ckpt + ".old")         # step 1: the next save would remove it
+    os.rename(ckpt, ckpt + ".old")       # an incomplete ckpt beside a complete spare: say where
+    os.makedirs(ckpt)
+    assert f"{ckpt}.old is a complete checkpoint" in exits_with_one_line(["--resume", ckpt], capsys)
+    os.rmdir(ckpt)
+    os.rename(ckpt + ".old", ckpt)       # the run folder instead of its checkpoint
+    assert f"--resume {ckpt}" in exits_with_one_line(["--resume", str(tmp_path)], capsys)
+
+
+def test_quickstart_is_what_ci_runs():
+    """The README's Quickstart commands, verbatim, are lines of .ci/run (which runs them in a
+    fresh virtual environment), and its install brings pytest."""
+    quickstart = Path(HERE, "README.md").read_text().split("## Quickstart")[1].split("\n## ")[0]
+    block = quickstart.split("```bash\n")[1].split("```")[0]
+    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    assert "python -m pytest -q test_anytime_reasoner.py" in commands
+    ci = Path(HERE, ".ci", "run").read_text().splitlines()
+    for command in commands:
+        assert command in ci, command
+    install = next(c for c in commands if c.startswith("pip install"))
+    requirements = Path(HERE, install.split()[-1]).read_text().split()
+    assert "pytest" in " ".join(requirements) and ("-r" in requirements or "requirements.txt" in install)
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in quickstart
 
 
 @pytest.mark.skipif(not os.path.isdir(GSM8K) or sys.platform == "win32", reason="needs GSM8K and SIGINT")
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
     import signal
-    model_dir = tmp_path / "tiny"
-    tok = ts.tiny_tokenizer()
-    ts.tiny_model(tok, hidden=32, layers=1).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
-    proc = subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "train_small.py"), "--model", str(model_dir),
-         "--data-dir", GSM8K, "--max-think", "16", "--questions-per-step", "2", "--traces", "2",
-         "--summary-max-tokens", "4", "--eval-size", "2", "--eval-every", "1000",
-         "--save-every", "1000", "--steps", "1000", "--device", "cpu", "--out-dir", str(tmp_path / "o")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in proc.stdout:                   # wait for the first finished step
-        if line.startswith("step    1 |"):
-            break
+    proc = start_script("--model", tiny_model_dir(tmp_path), "--data-dir", GSM8K, "--max-think", "16",
+                        "--questions-per-step", "2", "--traces", "2", "--summary-max-tokens", "4",
+                        "--eval-size", "2", "--eval-every", "1000", "--save-every", "1000", "--steps", "1000",
+                        "--device", "cpu", "--out-dir", str(tmp_path / "o"))
+    wait_for(proc, "step    1 |")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "--resume" in out and "Traceback" not in err
+    assert f"--resume {tmp_path / 'o' / 'ckpt'}" in out and "Traceback" not in err
     state = torch.load(tmp_path / "o" / "ckpt" / "trainer_state.pt", weights_only=False)
     assert state["step"] >= 1
+    steps = [x["step"] for x in jsonl_rows(tmp_path / "o" / "metrics.jsonl")]
+    assert steps == list(range(1, state["step"] + 1))
 
 
 def test_format_prompt_opens_thinking_once():

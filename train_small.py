@@ -6,6 +6,7 @@
     python train_small.py --data-dir ../shared/gsm8k       # local GSM8K (else downloaded once)
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
     python train_small.py --demo                           # CPU, offline, ~2 minutes: see the effect
+    python train_small.py --help                           # every flag, its unit, default and demo value
 
 The algorithm lives in anytime_reasoner.py; this file is plumbing (arguments,
 data, model loading, checkpoints, logging) around one training loop, `train`.
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -33,78 +36,80 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 # ----------------------------------------------------------------------------
-# Hyperparameters (defaults for the real run; --demo swaps in DEMO below)
+# Hyperparameters: one dataclass is the flags, their defaults and help, and args.json
 # ----------------------------------------------------------------------------
 
-DEFAULTS = dict(
-    model="Qwen/Qwen2.5-0.5B-Instruct",  # two KV heads: small KV cache, big generation batches
-    preset="ar-uniform",
-    # Qwen2.5-0.5B-Instruct solves GSM8K in ~100-300 tokens, so 512 thinking tokens
-    # cover nearly every trace while the 128-token budget cuts most of them short.
-    max_think=512,
-    questions_per_step=16,   # B (the paper: 64 on 8 GPUs)
-    traces=8,                # G, traces per question (the paper: 8)
-    summary_max_tokens=64,   # summaries run to EOS: a recap + \boxed{} + EOS fits in 60 for 99% of GSM8K (the authors: 118)
-    lr=1e-6,                 # the paper's constant learning rate
-    temperature=1.0,         # rollout temperature (the paper: 1.0)
-    eval_temperature=0.6,    # the paper evaluates at 0.6
-    eval_size=200,           # held-out GSM8K test questions per evaluation
-    eval_every=25,
-    eval_grid=64,            # evaluate every eval_grid tokens up to max_think
-    steps=200,
-    save_every=25,
-    micro_batch=4,           # traces per forward/backward (packed rows)
-    think_batch=128,         # rows per generate() call for thinking
-    summary_batch=512,       # rows per generate() call for summaries
-    chunk_size=1024,         # trained positions per output-layer chunk
-    warmup_steps=0,
-    updates_per_rollout=2, weight_decay=0.01, stop_at_box=False,
-    kl_coef=0.0, clip_eps=0.2, seed=0, device="auto", data_dir=None, out_dir=None, resume=None, demo=False,
-)
-# The offline CPU demo: a tiny model, a synthetic task where thinking helps.
-DEMO = dict(model="(built in code)", max_think=24, questions_per_step=16, traces=8,
-            summary_max_tokens=6, lr=3e-4, eval_size=200, eval_every=10, eval_grid=3,
-            steps=40, save_every=20, micro_batch=64, think_batch=128, summary_batch=1024,
-            warmup_steps=800, chunk_size=4096, updates_per_rollout=1, weight_decay=0.0)
+
+def arg(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class Args:
-    model: str                 # HF name or local directory
-    preset: str                # a row of SPEC 7, see anytime_reasoner.PRESETS
-    budgets: list[int]         # thinking budgets b_0 < ... < b_{S-1}
-    prior: str                 # uniform | linear | base
-    num_summaries: int         # A
-    thinking_method: str       # brpo | grpo | v1 | none
-    summary_method: str        # brpo | grpo
-    max_think: int             # thinking stops here (= the last budget)
-    questions_per_step: int    # B
-    traces: int                # G
-    summary_max_tokens: int
-    lr: float
-    temperature: float
-    eval_temperature: float
-    eval_size: int
-    eval_every: int
-    eval_grid: int
-    steps: int
-    save_every: int
-    micro_batch: int
-    think_batch: int
-    summary_batch: int
-    chunk_size: int
-    warmup_steps: int          # demo only: supervised steps before RL
-    updates_per_rollout: int
-    weight_decay: float
-    stop_at_box: bool
-    kl_coef: float
-    clip_eps: float
-    seed: int
-    out_dir: str
-    data_dir: str | None
-    resume: str | None
-    demo: bool
-    device: str
+    # what to train
+    model: str = arg("Qwen/Qwen2.5-0.5B-Instruct",  # two KV heads: small KV cache, big generation batches
+                     "Hugging Face model name or local folder")
+    preset: str = arg("ar-uniform", "a run of the paper (SPEC 7): " + ", ".join(ar.PRESETS))
+    budgets: list[int] | None = arg(None, "thinking budgets in tokens, comma-separated and increasing, "
+                                    "e.g. 128,256,384,512 [default: the preset's number of budgets, "
+                                    "evenly spaced up to --max-think]")
+    prior: str | None = arg(None, "weights of the budgets in the objective: uniform, linear or base "
+                            "[default: the preset's]")
+    num_summaries: int | None = arg(None, "A, summaries sampled per (trace, budget) [default: the preset's]")
+    thinking_method: str | None = arg(None, "baseline of the thinking tokens: brpo, grpo (V2 only), v1 or "
+                                      "none [default: the preset's]")
+    summary_method: str | None = arg(None, "advantage of the summaries: brpo (decoupled, every budget) or "
+                                     "grpo (last budget only) [default: the preset's]")
+    # rollout. Qwen2.5-0.5B-Instruct solves GSM8K in ~100-300 tokens, so 512 thinking tokens
+    # cover nearly every trace while the 128-token budget cuts most of them short.
+    max_think: int = arg(512, "thinking tokens per trace at most, = the last budget")
+    questions_per_step: int = arg(16, "B, training questions per step (the paper: 64 on 8 GPUs)")
+    traces: int = arg(8, "G, thinking traces sampled per question (the paper: 8)")
+    summary_max_tokens: int = arg(64, "tokens per summary at most; summaries run to EOS. A recap sentence + "
+                                  "\\boxed{} + EOS takes <= 60 Qwen2.5 tokens for 99 in 100 GSM8K answers "
+                                  "(bench.py --only summary; the authors: 118)")
+    temperature: float = arg(1.0, "sampling temperature of the training rollouts; must be > 0, "
+                             "the loss assumes sampled traces (the paper: 1.0)")
+    stop_at_box: bool = arg(False, "stop each summary as soon as its \\boxed{} closes (faster; "
+                            "the authors run summaries to EOS)")
+    # optimisation
+    steps: int = arg(200, "RL steps in all; a resumed run keeps its own unless given")
+    lr: float = arg(1e-6, "AdamW learning rate, constant (the paper: 1e-6)")
+    weight_decay: float = arg(0.01, "AdamW weight decay (the authors: 0.01)")
+    updates_per_rollout: int = arg(2, "PPO mini-batches (optimiser updates) per rollout; the old log-probs "
+                                   "are computed once before them (the authors: 2)")
+    clip_eps: float = arg(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps]")
+    kl_coef: float = arg(0.0, "weight of a KL penalty to the starting model; 0: no reference model is loaded")
+    warmup_steps: int = arg(0, "demo only: supervised warm-up steps (batches of 32) before RL")
+    seed: int = arg(0, "random seed of the data order, the sampling and the demo's model")
+    # evaluation
+    eval_temperature: float = arg(0.6, "sampling temperature of the evaluations; 0 = greedy (the paper: 0.6)")
+    eval_size: int = arg(200, "held-out questions per evaluation (GSM8K: the first N of the test set)")
+    eval_every: int = arg(25, "evaluate every N steps, and after the last")
+    eval_grid: int = arg(64, "evaluate at every N thinking tokens up to --max-think")
+    # memory and speed only: no effect on the result
+    micro_batch: int = arg(4, "traces per forward/backward pass (packed rows)")
+    think_batch: int = arg(128, "sequences per generate() call for thinking")
+    summary_batch: int = arg(512, "sequences per generate() call for summaries")
+    chunk_size: int = arg(1024, "positions per chunk of the output layer in the loss")
+    # the run
+    out_dir: str = arg("out", "folder for metrics, evaluations, the figure and the checkpoint")
+    save_every: int = arg(25, "save a checkpoint every N steps, after the last, and on Ctrl-C")
+    overwrite: bool = arg(False, "start afresh in an --out-dir that already holds a run "
+                          "(the demo always starts afresh)")
+    resume: str | None = arg(None, "checkpoint folder to continue exactly from, e.g. out/ckpt")
+    data_dir: str | None = arg(None, "folder with GSM8K's train.jsonl and test.jsonl [default: "
+                               "downloaded once into ~/.cache/anytime_reasoner/gsm8k]")
+    device: str = arg("auto", "cpu, cuda, cuda:1 or mps; auto: a GPU if there is one")
+    demo: bool = arg(False, "offline CPU demo, ~2 minutes: a tiny model built in code learns a "
+                     "synthetic task, then AnytimeReasoner and GRPO train it from the same start")
+
+
+# The demo's own values (--help shows them): a tiny model, a synthetic task where thinking helps.
+DEMO = dict(model="(built in code)", max_think=24, summary_max_tokens=6, lr=3e-4,
+            weight_decay=0.0, updates_per_rollout=1, warmup_steps=800, eval_every=10, eval_grid=3,
+            steps=40, save_every=20, micro_batch=64, summary_batch=1024, chunk_size=4096,
+            out_dir="out-demo")
 
 
 def die(msg: str):
@@ -113,94 +118,136 @@ def die(msg: str):
     sys.exit(2)
 
 
+def comma_ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+
+
+# --help lists the flags in these groups, each starting at the named field
+HELP_GROUPS = {"model": "what to train", "max_think": "rollout", "steps": "optimisation",
+               "eval_temperature": "evaluation", "micro_batch": "memory and speed (no effect on the result)",
+               "out_dir": "the run"}
+
+
+def flag_help(f) -> str:
+    """A field's help with its default and demo value: '... [default: 512; demo: 24]'."""
+    def show(v):
+        return ("on" if v else "off") if isinstance(v, bool) else v
+    shown = f.default is not None and (f.default is not False or f.name in DEMO)  # not "--demo [default: off]"
+    notes = ([f"default: {show(f.default)}"] if shown else []) + ([f"demo: {show(DEMO[f.name])}"] if f.name in DEMO else [])
+    return f.metadata["help"] + (f" [{'; '.join(notes)}]" if notes else "")
+
+
 def parse_args(argv=None) -> Args:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help=f"HF model name or local directory (default {DEFAULTS['model']})")
-    p.add_argument("--preset", help=f"paper run: {', '.join(ar.PRESETS)} (default {DEFAULTS['preset']})")
-    p.add_argument("--budgets", help="comma-separated thinking budgets in tokens, e.g. 128,256,384,512")
-    p.add_argument("--prior", help="budget prior: uniform, linear or base (default: the preset's)")
-    p.add_argument("--num-summaries", type=int, help="A, summaries per (trace, budget)")
-    p.add_argument("--thinking-method", help="thinking baseline: brpo, grpo, v1, none")
-    p.add_argument("--summary-method", help="summary advantage: brpo (decoupled) or grpo")
-    for name in ("max_think", "questions_per_step", "traces", "summary_max_tokens", "eval_size",
-                 "eval_every", "eval_grid", "steps", "save_every", "micro_batch", "think_batch",
-                 "summary_batch", "chunk_size", "warmup_steps", "updates_per_rollout"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, help=f"(default {DEFAULTS[name]})")
-    p.add_argument("--stop-at-box", action="store_true", default=None,
-                   help="stop each summary as soon as its \\boxed{} closes (faster; the authors run to EOS)")
-    for name in ("lr", "temperature", "eval_temperature", "weight_decay"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, help=f"(default {DEFAULTS[name]})")
-    p.add_argument("--kl-coef", type=float, help="KL to the initial model (default 0: no reference model)")
-    p.add_argument("--clip-eps", type=float, help="PPO clip range (default 0.2)")
-    p.add_argument("--seed", type=int, help="(default 0)")
-    p.add_argument("--out-dir", default=None, help="checkpoints and metrics (default out/ or out-demo/)")
-    p.add_argument("--data-dir", help="folder with GSM8K train.jsonl and test.jsonl (else downloaded)")
-    p.add_argument("--resume", help="checkpoint folder to continue from")
-    p.add_argument("--demo", action="store_true", help="offline CPU demo on a synthetic task")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
-    a = p.parse_args(argv)
-    if a.demo and a.resume:
-        die("--resume continues a real run; the demo takes two minutes, run it again instead")
+    """Args from the command line. Later wins: defaults < demo values < a resumed run's args.json
+    < the preset < flags given. Bad values end here, in one line, before anything heavy loads."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0] + "\nThe defaults are for one 24 GB GPU; --demo switches to "
+        "the demo's values, shown as 'demo: N'.", epilog=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda msg: die(f"{msg} (see --help)")  # one line, not argparse's usage + error
+    kinds = {"int": dict(type=int, metavar="N"), "int | None": dict(type=int, metavar="N"),
+             "float": dict(type=float, metavar="X"), "list[int] | None": dict(type=comma_ints, metavar="B,B,.."),
+             "bool": dict(action="store_true")}
+    group = p
+    for f in fields(Args):
+        group = p.add_argument_group(HELP_GROUPS[f.name]) if f.name in HELP_GROUPS else group
+        kind = kinds.get(f.type, dict(metavar=f.name.split("_")[-1].upper()))
+        group.add_argument("--" + f.name.replace("_", "-"), default=None, help=flag_help(f), **kind)
+    given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
 
-    # defaults: resumed run < mode defaults < preset < explicit flags
-    base = dict(DEFAULTS, **(DEMO if a.demo else {}))
-    if a.resume:
-        saved = os.path.join(a.resume, "args.json")
-        if not os.path.isfile(saved):
-            die(f"--resume {a.resume}: no args.json there; pass a checkpoint folder written by this script")
-        with open(saved) as f:
-            base.update({k: v for k, v in json.load(f).items() if k not in ("resume", "steps")})
-    preset_name = a.preset or base["preset"]
-    if preset_name not in ar.PRESETS:
-        die(f"unknown preset {preset_name!r}; choose one of {', '.join(ar.PRESETS)}")
-    preset = ar.PRESETS[preset_name]
-    merged = dict(base, preset=preset_name, **{k: v for k, v in asdict(preset).items()})
-    if a.resume:  # a resumed run keeps its own algorithm settings
-        merged.update({k: base[k] for k in asdict(preset) if k in base})
-    for k, v in vars(a).items():
-        if v is not None and k != "budgets" and not (k == "demo" and not v):
-            merged[k] = v
-    if merged.get("out_dir") is None:
-        merged["out_dir"] = "out-demo" if a.demo else "out"
+    cfg = asdict(Args())
+    if given.get("demo"):
+        if "resume" in given:
+            die("--demo does not resume; it takes two minutes, run it again")
+        for k in ("model", "data_dir"):
+            if k in given:
+                die(f"--demo builds its own model and data; drop --{k.replace('_', '-')}")
+        cfg.update(DEMO)
+    resumed = {}
+    if "resume" in given:
+        given["resume"] = find_checkpoint(given["resume"])
+        with open(os.path.join(given["resume"], "args.json")) as f:
+            resumed = json.load(f)
+        if resumed.get("demo"):
+            die(f"--resume {given['resume']}: a checkpoint of the demo, which does not resume; "
+                f"run `python train_small.py --demo` again")
+        cfg.update({k: v for k, v in resumed.items() if k in cfg and k not in ("resume", "overwrite")})
+    name = given.get("preset", cfg["preset"])
+    if name not in ar.PRESETS:
+        die(f"unknown preset {name!r}; choose one of {', '.join(ar.PRESETS)}")
+    preset = ar.PRESETS[name]
+    if "preset" in given or not resumed:  # a resumed run keeps its own algorithm settings
+        cfg.update({k: v for k, v in asdict(preset).items() if k != "num_budgets"})
+    cfg.update(given)
 
-    # input checks, all before anything heavy loads
-    if merged["prior"] not in ar.PRIORS:
-        die(f"unknown prior {merged['prior']!r}; choose one of {', '.join(ar.PRIORS)}")
-    if merged["thinking_method"] not in ar.THINKING_METHODS:
-        die(f"unknown thinking method {merged['thinking_method']!r}; choose one of {', '.join(ar.THINKING_METHODS)}")
-    if merged["summary_method"] not in ar.SUMMARY_METHODS:
-        die(f"unknown summary method {merged['summary_method']!r}; choose one of {', '.join(ar.SUMMARY_METHODS)}")
-    for k in ("max_think", "questions_per_step", "traces", "num_summaries", "summary_max_tokens",
-              "steps", "micro_batch", "think_batch", "summary_batch", "chunk_size", "eval_grid"):
-        if merged[k] < 1:
-            die(f"--{k.replace('_', '-')} must be at least 1, got {merged[k]}")
-    if a.budgets is not None:
+    # checks, all before anything heavy loads
+    for k, choices in (("prior", ar.PRIORS), ("thinking_method", ar.THINKING_METHODS),
+                       ("summary_method", ar.SUMMARY_METHODS)):
+        if cfg[k] not in choices:
+            die(f"unknown {k.replace('_', ' ')} {cfg[k]!r}; choose one of {', '.join(choices)}")
+    for k in ("max_think", "questions_per_step", "traces", "num_summaries", "summary_max_tokens", "steps",
+              "updates_per_rollout", "micro_batch", "think_batch", "summary_batch", "chunk_size",
+              "eval_size", "eval_every", "eval_grid", "save_every"):
+        if cfg[k] < 1:
+            die(f"--{k.replace('_', '-')} must be at least 1, got {cfg[k]}")
+    if cfg["warmup_steps"] < 0:
+        die(f"--warmup-steps must be at least 0, got {cfg['warmup_steps']}")
+    why = {"temperature": " (the loss assumes sampled traces)", "eval_temperature": " (0 = greedy)"}
+    for k in ("lr", "temperature", "clip_eps"):
+        if not (cfg[k] > 0 and math.isfinite(cfg[k])):  # also NaN and inf
+            die(f"--{k.replace('_', '-')} must be > 0{why.get(k, '')}, got {cfg[k]}")
+    for k in ("eval_temperature", "weight_decay", "kl_coef"):
+        if not (cfg[k] >= 0 and math.isfinite(cfg[k])):
+            die(f"--{k.replace('_', '-')} must be >= 0{why.get(k, '')}, got {cfg[k]}")
+    if "budgets" in given:
         try:
-            budgets = [int(x) for x in a.budgets.split(",")]
-        except ValueError:
-            die(f"--budgets must be comma-separated integers, got {a.budgets!r}")
-        try:
-            ar.check_budgets(budgets)
+            budgets = ar.check_budgets(given["budgets"])
         except ValueError as e:
             die(f"--budgets: {e}")
-        if budgets[-1] > merged["max_think"]:
-            die(f"--budgets: {budgets[-1]} is beyond the maximum thinking length "
-                f"--max-think {merged['max_think']}")
-    elif a.resume and "budgets" in base:
-        budgets = base["budgets"]
+        if budgets[-1] > cfg["max_think"]:
+            die(f"--budgets: {budgets[-1]} is beyond the maximum thinking length --max-think {cfg['max_think']}")
+    elif resumed and not {"preset", "max_think"} & given.keys():
+        budgets = resumed["budgets"]
     else:
-        if merged["num_budgets"] > merged["max_think"]:
-            die(f"{merged['num_budgets']} budgets do not fit in --max-think {merged['max_think']}")
-        budgets = ar.evenly_spaced_budgets(merged["max_think"], merged["num_budgets"])
-    merged["budgets"] = budgets
-    merged["max_think"] = budgets[-1]
-    if not a.demo and merged["data_dir"] is not None and not os.path.isdir(merged["data_dir"]):
-        die(f"--data-dir {merged['data_dir']}: no such folder")
-    if a.resume and not os.path.isdir(a.resume):
-        die(f"--resume {a.resume}: no such folder")
-    fields = Args.__dataclass_fields__
-    return Args(**{k: merged[k] for k in fields})
+        if preset.num_budgets > cfg["max_think"]:
+            die(f"{preset.num_budgets} budgets do not fit in --max-think {cfg['max_think']}")
+        budgets = ar.evenly_spaced_budgets(cfg["max_think"], preset.num_budgets)
+    cfg["budgets"], cfg["max_think"] = budgets, budgets[-1]
+    if cfg["data_dir"] is not None and not os.path.isdir(cfg["data_dir"]):
+        die(f"--data-dir {cfg['data_dir']}: no such folder")
+    if cfg["device"] != "auto":
+        try:
+            device = torch.device(cfg["device"])
+        except RuntimeError:
+            die(f"--device {cfg['device']}: not a device; use auto, cpu, cuda, cuda:1 or mps")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            die(f"--device {cfg['device']}: no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    return Args(**cfg)
+
+
+def check_out_dir(args: Args):
+    """--out-dir must be a folder we can write, and a fresh run must not mix its logs and checkpoint
+    with an earlier run's (the demo always starts afresh). Called before anything heavy loads."""
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        die(f"--out-dir {out} is a file, not a folder")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):  # the folder we would create it in
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        die(f"--out-dir {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        die(f"--out-dir {out}: {parent} is not writable")
+    if args.demo or args.resume or args.overwrite:
+        return
+    held = [n for n in ("metrics.jsonl", "eval.jsonl", "ckpt") if os.path.exists(os.path.join(out, n))]
+    if held:
+        hint = f"continue it with --resume {os.path.join(out, 'ckpt')}, " if "ckpt" in held else ""
+        die(f"--out-dir {out} already holds a run ({', '.join(held)}); {hint}choose another --out-dir, "
+            f"or add --overwrite to start afresh there")
 
 
 # ----------------------------------------------------------------------------
@@ -214,8 +261,12 @@ CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "anytime_reasoner", 
 def parse_gsm8k(path: str) -> list[dict]:
     """[{question, answer}] from a GSM8K JSONL file; the answer is what follows '####', commas removed."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, so that a bad byte is reported with its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -239,10 +290,12 @@ def load_gsm8k(split: str, data_dir: str | None) -> list[dict]:
             os.makedirs(data_dir, exist_ok=True)
             url = GSM8K_URL.format(split)
             print(f"downloading GSM8K {split} from {url} into {data_dir}")
-            try:
-                urllib.request.urlretrieve(url, path + ".part")
-            except OSError as e:
-                die(f"could not download GSM8K ({e}); download {split}.jsonl by hand and pass --data-dir")
+            try:  # a timeout: a stalled connection is an error, not a hang
+                with urllib.request.urlopen(url, timeout=60) as r, open(path + ".part", "wb") as f:
+                    shutil.copyfileobj(r, f)
+            except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
+                die(f"could not download GSM8K {split} from {url} ({e}); download train.jsonl and "
+                    f"test.jsonl by hand and pass --data-dir with their folder")
             os.replace(path + ".part", path)
     path = os.path.join(data_dir, f"{split}.jsonl")
     if not os.path.isfile(path):
@@ -413,7 +466,7 @@ def load_model(name: str, device: torch.device):
         why = "no internet and not in the local Hugging Face cache" if offline else \
             f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         die(f"could not load model {name!r} ({why}). Check the name, or on a machine with "
-            f"internet run `huggingface-cli download {name}` and pass --model with the local folder.")
+            f"internet run `hf download {name} --local-dir FOLDER` and pass --model FOLDER.")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -421,19 +474,61 @@ def load_model(name: str, device: torch.device):
 
 def save_checkpoint(path: str, model, tokenizer, optimizer, step: int, data_pos: int, args: Args):
     """Everything needed to continue exactly: weights, tokenizer, optimiser, step, RNG, data position.
-    Written to a temporary folder first and then renamed, so a crash never leaves half a checkpoint."""
-    tmp = path + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
+
+    Never leaves the run without a complete checkpoint: written into path.tmp (args.json last,
+    which marks it complete), then path -> path.old, path.tmp -> path, path.old removed. After
+    a crash between the two renames, find_checkpoint takes the newest complete one back."""
+    tmp, old = path + ".tmp", path + ".old"
+    if os.path.isdir(tmp):  # half written by a crash
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "data_pos": data_pos,
                 "rng": rng_state()}, os.path.join(tmp, "trainer_state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
+    with open(os.path.join(tmp, "args.json.part"), "w") as f:
         json.dump(asdict(args), f, indent=1)
+    os.replace(os.path.join(tmp, "args.json.part"), os.path.join(tmp, "args.json"))
     if os.path.isdir(path):
-        import shutil
-        shutil.rmtree(path)
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        os.replace(path, old)
     os.replace(tmp, path)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+
+
+def checkpoint_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "args.json"))  # written last (save_checkpoint)
+
+
+def find_checkpoint(path: str) -> str:
+    """The checkpoint folder to resume from. If a crash while saving left the newest complete
+    checkpoint in path.tmp or path.old instead of path, move it back into place and say so."""
+    if checkpoint_complete(path):
+        return path
+    spares = [p for p in (path + ".tmp", path + ".old") if checkpoint_complete(p)]  # newest first
+    if spares and not os.path.exists(path):
+        os.replace(spares[0], path)
+        print(f"--resume {path}: not there, but a complete checkpoint was in {spares[0]} "
+              f"(a crash while saving); moved it back to {path}")
+        return path
+    if spares:
+        die(f"--resume {path}: incomplete (no args.json), but {spares[0]} is a complete checkpoint; "
+            f"resume from that")
+    inside = os.path.join(path, "ckpt")
+    hint = f"--resume {inside}" if checkpoint_complete(inside) else "a checkpoint folder written by this script"
+    die(f"--resume {path}: no checkpoint there (no args.json); pass {hint}")
+
+
+def drop_rows_after(path: str, step: int):
+    """Keep the JSONL rows of steps <= step: a run killed between two checkpoints has logged
+    steps that its resumed run will do again."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(rows)
 
 
 def append_jsonl(path: str, row: dict):
@@ -485,7 +580,11 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: dict[str, dict], path: str) -> str:
+def figure_title(model: str, preset: str, num_questions: int, temperature: float) -> str:
+    return f"{model}, {preset}\naccuracy on {num_questions} held-out questions, temperature {temperature}"
+
+
+def plot_curves(results: dict[str, dict], path: str, title: str) -> str:
     """Accuracy against budget, like the paper's curve figure. PNG with matplotlib, else a text chart."""
     try:
         import matplotlib
@@ -493,7 +592,7 @@ def plot_curves(results: dict[str, dict], path: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         width = 40
-        lines = ["accuracy vs budget (text chart; pip install matplotlib for a PNG)"]
+        lines = [title.replace("\n", ": "), "(a text chart; pip install matplotlib for a PNG)"]
         for name, r in results.items():
             lines.append(name)
             for b, a in zip(r["budgets"], r["accuracy"]):
@@ -502,7 +601,8 @@ def plot_curves(results: dict[str, dict], path: str) -> str:
         with open(path.replace(".png", ".txt"), "w") as f:
             f.write(text + "\n")
         return text
-    plt.figure(figsize=(5, 3.5))
+    plt.figure(figsize=(5.5, 4))
+    plt.title(title, fontsize=9)
     for name, r in results.items():
         plt.plot(r["budgets"], r["accuracy"], marker="o", label=f"{name} (anytime {r['anytime_score']:.3f})")
     plt.xlabel("thinking budget (tokens)")
@@ -613,11 +713,18 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
     metrics_path = os.path.join(args.out_dir, f"metrics{tag}.jsonl")
     eval_path = os.path.join(args.out_dir, f"eval{tag}.jsonl")
     ckpt_path = os.path.join(args.out_dir, f"ckpt{tag}")
+    # A fresh run starts its logs afresh, never after an earlier run's; a resumed run drops the
+    # rows of steps done after its checkpoint (by a run killed between two saves): each step once.
+    for path in (metrics_path, eval_path):
+        if start_step == 0:
+            open(path, "w").close()
+        else:
+            drop_rows_after(path, start_step)
     prior = ar.budget_prior(args.prior, args.budgets)
     grid = eval_grid(args)
     eval_prompts = [make_prompt(x["question"]) for x in eval_set]
     eval_truths = [x["answer"] for x in eval_set]
-    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     ref_model = None
     if args.kl_coef > 0:  # a frozen copy of the starting weights; never loaded when KL is off
         import copy
@@ -631,25 +738,27 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
         return r
 
     first = result = run_eval(start_step) if start_step == 0 else None
-    step = start_step
+    step = saved = start_step
     interrupted = False
 
-    def on_sigint(signum, frame):  # finish the step in flight, save, then stop
+    def on_sigint(signum, frame):  # the first Ctrl-C: finish the step in flight, save, then stop
         nonlocal interrupted
-        if interrupted:
-            raise KeyboardInterrupt
+        if interrupted:  # the second: stop at once
+            print("\nCtrl-C again: stopped at once, without saving; "
+                  + (f"{ckpt_path} holds step {saved}" if saved else "no checkpoint was saved"), file=sys.stderr)
+            raise SystemExit(130)
         interrupted = True
-        print("\nCtrl-C: saving a checkpoint after this step (press again to abort)")
+        print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", flush=True)
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
         while step < args.steps and not interrupted:
-            idx = [order[(data_pos + i) % len(order)] for i in range(args.questions_per_step)]
+            idx = [int(order[(data_pos + i) % len(order)]) for i in range(args.questions_per_step)]
             data_pos += args.questions_per_step
             batch = [train_set[i] for i in idx]
             m = rl_step(model, tokenizer, optimizer, [make_prompt(x["question"]) for x in batch],
                         [x["answer"] for x in batch], args, prior, device, ref_model)
             step += 1
-            append_jsonl(metrics_path, {"step": step, **m})
+            append_jsonl(metrics_path, {"step": step, **m, "questions": idx})  # indices into train_set
             print(f"{tag.strip('-') or 'step'} {step:4d} | reward {m['reward']:.3f} | acc/budget "
                   + " ".join(f"{a:.2f}" for a in m["acc"]) + f" | think {m['think_len']:.0f} tok"
                   f" | clip {m['clipfrac']:.3f} | kl {m['approx_kl']:.1e} | {m['gen_tok_s']:.0f} gen tok/s"
@@ -658,10 +767,15 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
                 result = run_eval(step)
             if step % args.save_every == 0 or step == args.steps or interrupted:
                 save_checkpoint(ckpt_path, model, tokenizer, optimizer, step, data_pos, args)
+                saved = step
+        if interrupted and saved != step:  # Ctrl-C came between the save check and the loop's
+            save_checkpoint(ckpt_path, model, tokenizer, optimizer, step, data_pos, args)
     finally:
         signal.signal(signal.SIGINT, old_handler)
     if interrupted:
-        print(f"stopped at step {step}; continue with: python train_small.py --resume {ckpt_path}")
+        print(f"stopped at step {step}; " + ("the demo does not resume: run `python train_small.py --demo` "
+              "again (it reuses the warm-up)" if args.demo else
+              f"continue with: python train_small.py --resume {ckpt_path}"))
         sys.exit(130)
     return first, result
 
@@ -704,10 +818,10 @@ def main_demo(args: Args, device):
         before, results[name] = train(run_args, model, tokenizer, train_set, eval_set, demo_prompt,
                                       device, tag="-" + name)
         results = {"before": before, **results} if "before" not in results else results
-    print("\nanytime accuracy on", args.eval_size, "held-out problems (temperature",
-          f"{args.eval_temperature}):")
+    title = figure_title("tiny demo model", " vs ".join(runs), len(eval_set), args.eval_temperature)
+    print("\n" + title.replace("\n", ": "))
     print(format_table(results))
-    print(plot_curves(results, os.path.join(args.out_dir, "anytime_accuracy.png")))
+    print(plot_curves(results, os.path.join(args.out_dir, "anytime_accuracy.png"), title))
     with open(os.path.join(args.out_dir, "demo_results.json"), "w") as f:
         json.dump({"seed": args.seed, "steps": args.steps, **results}, f, indent=1)
     return results
@@ -715,6 +829,7 @@ def main_demo(args: Args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_out_dir(args)
     device = pick_device(args.device)
     if args.demo:
         return main_demo(args, device)
@@ -727,14 +842,19 @@ def main(argv=None):
     model.config.use_cache = True  # generate() still uses the KV cache in eval mode
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {device}; "
           f"preset {args.preset}, budgets {args.budgets}, prior {args.prior}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step, data_pos = 0, 0
     if args.resume:
         state = torch.load(os.path.join(args.resume, "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:  # the saved ones, unless --lr or --weight-decay was given
+            group.update(lr=args.lr, weight_decay=args.weight_decay)
         start_step, data_pos = state["step"], state["data_pos"]
         set_rng_state(state["rng"])
-        print(f"resumed from {args.resume} at step {start_step}")
+        print(f"resumed from {args.resume} at step {start_step} of {args.steps}")
+        if start_step >= args.steps:
+            print(f"nothing to do: the checkpoint is at step {start_step}; pass --steps N with N > {start_step}")
+            return
 
     def make_prompt(q):
         return ar.format_prompt(tokenizer, q)
@@ -742,8 +862,14 @@ def main(argv=None):
                   optimizer=optimizer, start_step=start_step, data_pos=data_pos)
     if before and after:
         print(format_table({"before": before, "after": after}))
-        print(plot_curves({"before": before, "after": after}, os.path.join(args.out_dir, "anytime_accuracy.png")))
+        title = figure_title(args.model, args.preset, len(eval_set), args.eval_temperature)
+        print(plot_curves({"before": before, "after": after}, os.path.join(args.out_dir, "anytime_accuracy.png"),
+                          title))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, warm-up, first evaluation)
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

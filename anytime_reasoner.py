@@ -744,11 +744,11 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = stop_ids(tokenizer)
-    eos_for_gen = eos + (think_end if think_end and len(think_end) == 1 else [])
+    eos_set, eos_for_gen = set(eos), eos + (think_end if think_end and len(think_end) == 1 else [])
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), seqs[i]))  # copies side by side
     out: list[list[int]] = [[] for _ in seqs]
     why: list[str] = [""] * len(seqs)
-    kept, kept_row, kept_start, kept_len = [], [0] * len(seqs), [0] * len(seqs), [0] * len(seqs)
+    kept, where = [], [None] * len(seqs)  # keep_cache: each batch's keys/values; (row, start, length)
     device = next(model.parameters()).device
     # Plain sampling from softmax(logits / T), as the loss assumes: a fresh config, so a
     # checkpoint's own defaults (Qwen2.5: top_k 20, top_p 0.8, repetition_penalty 1.05) are off.
@@ -760,20 +760,21 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         distinct: dict[tuple, int] = {}  # sequence -> its row in ids
-        copy_of = torch.tensor([distinct.setdefault(tuple(seqs[i]), len(distinct)) for i in rows])
+        copy_of = [distinct.setdefault(tuple(seqs[i]), len(distinct)) for i in rows]
         width = max(map(len, distinct))
         ids = torch.full((len(distinct), width), pad, dtype=torch.long)
         mask = torch.zeros((len(distinct), width), dtype=torch.long)
         for r, seq in enumerate(distinct):  # left padding: generation continues at the right edge
             ids[r, width - len(seq):] = torch.tensor(seq)
             mask[r, width - len(seq):] = 1
-        ids, mask, copy_of = ids.to(device), mask.to(device), copy_of.to(device)
-        cache, done = None, 0  # `done` columns of ids have their keys and values in cache
+        ids, mask = ids.to(device), mask.to(device)
+        cache, done = None, 0  # the first `done` columns of ids have their keys and values in cache
         if prefix is not None:
             kv, owner, shared = prefix
-            src = [rows[copy_of.tolist().index(r)] for r in range(len(distinct))]  # row -> seqs index
+            src = [rows[copy_of.index(r)] for r in range(len(distinct))]  # row of ids -> index in seqs
             cache, done = _cache_from(kv, [owner[i] for i in src], [shared[i] for i in src],
                                       [len(seqs[i]) for i in src], width)
+        copy_of = torch.tensor(copy_of, device=device)
         if len(distinct) < len(rows):  # encode all but the last token once, then copy the cache
             if done < width - 1:
                 cache = _prefill(model, ids[:, done:-1], mask[:, :-1], cache)
@@ -788,29 +789,26 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
             criteria.append(box)
         gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
                              stopping_criteria=criteria or None, **{_CACHE: cache})
-        if keep_cache:
+        if keep_cache:  # token t of seqs[i] is in row start + r, column width - len(seqs[i]) + t
             gen, cache = gen.sequences, gen[_CACHE]
             kept.append([(layer.keys, layer.values) for layer in cache.layers])
-        for r, i in enumerate(rows):
-            new = gen[r, width:].tolist()
-            n, why[i] = _first_stop(new, set(eos), think_end or [], tokenizer)
+            for r, i in enumerate(rows):
+                where[i] = (start + r, width - len(seqs[i]), cache.get_seq_length() - width + len(seqs[i]))
+        for r, (i, new) in enumerate(zip(rows, gen[:, width:].tolist())):
+            n, why[i] = _first_stop(new, eos_set, think_end or [], tokenizer)
             if box and box.stop_len[r] is not None:
                 n = min(n, box.stop_len[r])
             out[i] = new[:n]
-            if keep_cache:
-                kept_row[i], kept_start[i] = start + r, width - len(seqs[i])
-                kept_len[i] = kept[-1][0][0].shape[2] - kept_start[i]
         if progress is not None:
             progress(len(rows))
     if not keep_cache:
         return out
-    # One tensor per layer: the batches' caches, right-padded to a common width and stacked.
-    T = max(k.shape[2] for batch in kept for k, _ in batch)
-    stack = lambda xs: torch.cat([torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[2])) for x in xs])
-    layers = [(stack([b[l][0] for b in kept]), stack([b[l][1] for b in kept])) for l in range(len(kept[0]))]
-    kv = KVCache(layers, torch.tensor(kept_row, device=device), torch.tensor(kept_start, device=device),
-                 torch.tensor(kept_len, device=device))
-    return out, why, kv
+    if len(kept) > 1:  # one tensor per layer: the batches' caches, right-padded to one width, stacked
+        T = max(k.shape[2] for k, _ in (batch[0] for batch in kept))
+        stack = lambda xs: torch.cat([torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[2])) for x in xs])
+        kept = [[(stack([b[l][0] for b in kept]), stack([b[l][1] for b in kept])) for l in range(len(kept[0]))]]
+    row, start, length = torch.tensor(where, device=device).T
+    return out, why, KVCache(kept[0], row, start, length)
 
 
 def _cache_from(kv: KVCache, owner: list[int], shared: list[int], lengths: list[int],
@@ -832,16 +830,15 @@ def _cache_from(kv: KVCache, owner: list[int], shared: list[int], lengths: list[
     The tail may re-encode a few tokens that kv holds: harmless, same tokens, same positions.
     Returns (cache, C).
     """
-    own = torch.tensor(owner, device=kv.row.device)
-    reused = torch.minimum(torch.tensor(shared, device=own.device), kv.length[own])  # R
-    pad = width - torch.tensor(lengths, device=own.device)                           # R
-    U = max(1, int((width - pad - reused).max()))
+    device = kv.row.device
+    own, L = torch.tensor(owner, device=device), torch.tensor(lengths, device=device)   # R, R
+    reused = torch.minimum(torch.tensor(shared, device=device), kv.length[own])        # R
+    U = max(1, int((L - reused).max()))
     C = width - U
-    # column x of row j holds token x - pad[j], which sits at column start + x - pad[j] of kv;
-    # columns before the row's first token are masked: any finite keys do, take column 0.
-    cols = (kv.start[own] - pad)[:, None] + torch.arange(C, device=own.device)     # R,C
-    rows = kv.row[own][:, None]
-    gather = lambda x: x[rows, :, cols.clamp(min=0)].transpose(1, 2)              # R,heads,C,dim
+    # Column x of row j holds token x - (width - L[j]), found at column start + that in kv.
+    # Columns left of the row's first token are padding, masked: any finite values do there.
+    cols = (kv.start[own] - (width - L))[:, None] + torch.arange(C, device=device)    # R,C
+    gather = lambda x: x[kv.row[own][:, None], :, cols.clamp(min=0)].transpose(1, 2)  # R,heads,C,dim
     return DynamicCache([(gather(k), gather(v)) for k, v in kv.layers]), C
 
 

@@ -301,13 +301,15 @@ def test_generate_shares_identical_rows_exactly():
     assert all(len(t) > 0 for t in together)
 
 
+@pytest.mark.parametrize("G,A", [(2, 2), (1, 1)], ids=["copies", "no-copies"])
 @pytest.mark.parametrize("special", [True, False], ids=["think-1-token", "think-8-tokens"])
-def test_summaries_on_the_thinking_cache_equal_re_encoded(special):
+def test_summaries_on_the_thinking_cache_equal_re_encoded(special, G, A):
     """Greedy summaries sampled on the thinking's KV cache equal, token for token, those
     sampled from re-encoded summary prompts (reuse_cache=False). One batch holds prompts
     of 4, 11 and 18 tokens (left padding) and, forced by position, a trace that closes
     early (its budgets collapse), one that ends in EOS (later cuts hold it) and one that
-    runs to the last budget; several thinking and summary batches."""
+    runs to the last budget; several thinking and summary batches, with rows that share
+    a prompt (G traces, k*A summaries: encoded once, then copied) and without."""
     tok = ts.tiny_tokenizer(think_end_special=special)
     model = ts.tiny_model(tok, hidden=64, layers=2, seed=1).eval()
     with torch.no_grad():  # weights 10x the usual init: summaries that depend on every cached key
@@ -343,9 +345,9 @@ def test_summaries_on_the_thinking_cache_equal_re_encoded(special):
 
     def run(reuse_cache):
         state["tokens"] = 0
-        ro = ar.rollout(model, tok, prompts, [4, 8, 16, 24], num_traces=2, num_summaries=2,
-                        temperature=0.0, summary_max_tokens=6, think_batch_size=4,
-                        summary_batch_size=8, reuse_cache=reuse_cache)
+        ro = ar.rollout(model, tok, prompts, [4, 8, 16, 24], num_traces=G, num_summaries=A,
+                        temperature=0.0, summary_max_tokens=6, think_batch_size=2 * G,
+                        summary_batch_size=4 * A, reuse_cache=reuse_cache)
         return ro, state["tokens"]
     try:
         (ro, encoded), (ref, encoded_ref) = run(True), run(False)

@@ -306,6 +306,84 @@ def test_generate_shares_identical_rows_exactly():
     assert all(len(t) > 0 for t in together)
 
 
+@pytest.mark.parametrize("G,A", [(2, 2), (1, 1)], ids=["copies", "no-copies"])
+@pytest.mark.parametrize("special", [True, False], ids=["think-1-token", "think-8-tokens"])
+def test_summaries_on_the_thinking_cache_equal_re_encoded(special, G, A):
+    """Greedy summaries sampled on the thinking's KV cache equal, token for token, those
+    sampled from re-encoded summary prompts (reuse_cache=False). One batch holds prompts
+    of 4, 11 and 18 tokens (left padding) and, forced by position, a trace that closes
+    early (its budgets collapse), one that ends in EOS (later cuts hold it) and one that
+    runs to the last budget; several thinking and summary batches, with rows that share
+    a prompt (G traces, k*A summaries: encoded once, then copied) and without."""
+    tok = ts.tiny_tokenizer(think_end_special=special)
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=1).eval()
+    with torch.no_grad():  # weights 10x the usual init: summaries that depend on every cached key
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    think_end, eos = ar.encode(tok, ar.THINK_END), tok.eos_token_id
+    prompts = ["a\n<think>\n", "abcdefgh\n<think>\n", "abcdefghijklmno\n<think>\n"]
+    P = [len(ar.encode(tok, p)) for p in prompts]
+    assert P == [4, 11, 18]
+    # the token at position q is forced: prompt 0 writes </think> from its 6th thinking token,
+    # prompt 1 ends with EOS as its 7th; prompt 2 starts after both and never stops early
+    X, Y = P[0] + 5, P[1] + 6
+    forced = {X + j: t for j, t in enumerate(think_end)} | {Y: eos}
+    assert max(forced) == Y and min(forced) > P[0] and Y < P[2]
+    state = {"tokens": 0}
+
+    def remember_position(module, args, kwargs):
+        state["next"] = (kwargs["position_ids"][:, -1] + 1).tolist()   # position of the next token
+
+    def force(module, args, logits):                # EOS and </think> only where forced
+        logits[:, -1, [eos, think_end[0]]] -= 100.0
+        for r, q in enumerate(state["next"]):
+            if q in forced:
+                logits[r, -1, forced[q]] += 200.0
+        return logits
+
+    def count(module, args, kwargs):                                    # tokens the model encodes
+        state["tokens"] += kwargs["input_ids"].numel()
+    hooks = [model.register_forward_pre_hook(remember_position, with_kwargs=True),
+             model.lm_head.register_forward_hook(force),
+             model.model.register_forward_pre_hook(count, with_kwargs=True)]
+
+    def run(reuse_cache):
+        state["tokens"] = 0
+        ro = ar.rollout(model, tok, prompts, [4, 8, 16, 24], num_traces=G, num_summaries=A,
+                        temperature=0.0, summary_max_tokens=6, think_batch_size=2 * G,
+                        summary_batch_size=4 * A, reuse_cache=reuse_cache)
+        return ro, state["tokens"]
+    try:
+        (ro, encoded), (ref, encoded_ref) = run(True), run(False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert ro.think_ids == ref.think_ids
+    assert ro.summary_ids == ref.summary_ids
+    assert encoded < encoded_ref                        # the reuse really happened
+    # every kind of trace is there
+    L0 = 5 + len(think_end)
+    assert all(len(t) == L0 and t[-len(think_end):] == think_end for t in ro.think_ids[0])
+    assert ro.closed[0].all() and len(set(ro.prompt_index[0, 0].tolist())) < 4      # collapsed
+    assert all(len(t) == 7 and t[-1] == eos for t in ro.think_ids[1]) and ro.ended_eos[1].all()
+    assert ro.cut_has_eos[1, :, 1:].all() and not ro.cut_has_eos[1, :, 0].any()
+    assert all(len(t) == 24 for t in ro.think_ids[2]) and not (ro.closed[2] | ro.ended_eos[2]).any()
+    lengths = [len(x) for q in ro.summary_ids for t in q for s in t for x in s]
+    assert min(lengths) >= 1 and max(lengths) == 6
+
+
+def test_think_end_stop_decodes_only_rows_that_may_close(monkeypatch):
+    tok = ts.tiny_tokenizer(think_end_special=False)
+    stop = ar._ThinkEndStop(tok, ar.encode(tok, ar.THINK_END), prompt_len=2)
+    rows = ["q\nab</think>", "q\n</think>ab", "q\nabcdefg>hi", "q\nabcdefghi>"]
+    decoded, decode = [], tok.decode
+    monkeypatch.setattr(tok, "decode", lambda ids, **k: decoded.append(ids) or decode(ids, **k))
+    done = stop(torch.tensor([ar.encode(tok, r) for r in rows]), None)
+    assert done.tolist() == [True, False, False, False]
+    assert len(decoded) == 2                    # only the rows whose newest token holds a ">"
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_logprobs_match_unpacked(tiny, attn):
     tok, model, ro = tiny

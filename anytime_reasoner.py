@@ -735,7 +735,7 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
     `keep_cache`, returns (tokens, why, kv): also each row's stop reason
     ('think', 'eos', 'max', as _first_stop) and the KVCache of every row.
 
-    No token is encoded twice:
+    Work is shared, exactly (same tokens at the same positions):
     - identical sequences (the G traces of a question, the k*A summaries of a
       summary prompt) are encoded once per batch; their cache is copied to each row;
     - with prefix = (kv, owner, shared), the first shared[i] tokens of seqs[i]

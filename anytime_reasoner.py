@@ -924,8 +924,8 @@ class KVCache:
 @torch.inference_mode()  # lighter than no_grad (about 10 % on a CPU); nothing here is trained on
 def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
              batch_size: int, think_end: list[int] | None = None, stop_at_box: bool = False,
-             prefix: tuple[KVCache, list[int], list[int]] | None = None, keep_cache: bool = False,
-             progress=None):
+             progress=None, prefix: tuple[KVCache, list[int], list[int]] | None = None,
+             keep_cache: bool = False):
     """Sample a continuation of every sequence with HF `generate`, `batch_size` rows at a time.
 
     Rows are sorted by length (less padding), left-padded, and stop at EOS, at
@@ -934,7 +934,7 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
     `keep_cache`, returns (tokens, why, kv): also each row's stop reason
     ('think', 'eos', 'max', as _first_stop) and the KVCache of every row.
 
-    No token is encoded twice:
+    Work is shared, exactly (same tokens at the same positions):
     - identical sequences (the G traces of a question, the k*A summaries of a
       summary prompt) are encoded once per batch; their cache is copied to each row;
     - with prefix = (kv, owner, shared), the first shared[i] tokens of seqs[i]
@@ -1073,7 +1073,7 @@ def summary_prompts(length: int, why: str, budgets: list[int]) -> tuple[list[int
 def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces: int,
             num_summaries: int, temperature: float = 1.0, summary_max_tokens: int = 64,
             think_batch_size: int = 64, summary_batch_size: int = 256, stop_at_box: bool = False,
-            reuse_cache: bool = True, progress=None) -> Rollout:
+            progress=None, reuse_cache: bool = True) -> Rollout:
     """SPEC 2: G traces per prompt up to the last budget, then A summaries per (trace, budget).
 
     The summaries start from the thinking's KV cache: a summary prompt is the trace's own

@@ -306,8 +306,8 @@ def test_generate_shares_identical_rows_exactly():
     assert all(len(t) > 0 for t in together)
 
 
-@pytest.mark.parametrize("G,A", [(2, 2), (1, 1)], ids=["copies", "no-copies"])
-@pytest.mark.parametrize("special", [True, False], ids=["think-1-token", "think-8-tokens"])
+@pytest.mark.parametrize("special,G,A", [(True, 2, 2), (False, 1, 1)],
+                         ids=["think-1-token-shared-rows", "think-8-tokens-no-shared-rows"])
 def test_summaries_on_the_thinking_cache_equal_re_encoded(special, G, A):
     """Greedy summaries sampled on the thinking's KV cache equal, token for token, those
     sampled from re-encoded summary prompts (reuse_cache=False). One batch holds prompts

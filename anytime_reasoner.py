@@ -18,7 +18,7 @@ Run it:
     python train_small.py --demo               # CPU, offline, about 2 minutes
     python -m pytest -q test_anytime_reasoner.py
 
-Reading order: sections 1, 3-10 are the algorithm (about 750 lines). Section 2,
+Reading order: sections 1, 3-10 are the algorithm (about 900 lines). Section 2,
 the answer checker, is long only because it must be safe on model text (no eval,
 bounded time); skip it on a first read, it is two functions: extract_answer and
 answers_match.
@@ -123,7 +123,7 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------
-# 2. Answer checker (sympy, never eval) and the SPEC 3 score
+# 2. Answer checker (sympy, never eval); the SPEC 3 score is in section 5
 # ----------------------------------------------------------------------------
 #
 # extract_answer: the last box (with the boxes joined to it by "," / "and" / "or")

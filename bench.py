@@ -7,7 +7,8 @@ turns; each figure is the median of --repeats runs after a warm-up.
  1. rollout: generated tokens/s of ar.rollout (S=4 budgets, A=4 summaries) vs
     the plain way: every (trace, budget, summary) prompt is its own HF generate
     row, encoded from scratch, no pooling; and vs ar.rollout(reuse_cache=False),
-    which encodes each distinct summary prompt instead of reusing the thinking's cache;
+    which encodes each distinct summary prompt instead of reusing the thinking's cache; and vs
+    ar.rollout on transformers' DynamicLayer, which concatenates instead of writing into a buffer;
  2. packed loss: forward + backward of the packed tree rows vs one plain causal
     row per sequence (prompt+thinking, and prompt+thinking[:cut]+insert+summary
     per summary); same trained tokens, same loss; time and peak memory;
@@ -33,7 +34,7 @@ from types import SimpleNamespace
 
 import torch
 import transformers
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
 
 import anytime_reasoner as ar
 import train_small as ts
@@ -161,8 +162,14 @@ def bench_rollout(model, tok, prompts, c, device, repeats) -> dict:
         ro = ar.rollout(model, tok, prompts, budgets, c.G, c.A, 1.0, c.summary, c.think_batch,
                         c.summary_batch, stop_at_box=False, reuse_cache=reuse_cache)
         return int(ro.think_len.sum()) + sum(len(x) for q in ro.summary_ids for t in q for s in t for x in s)
+    def concatenating():  # ours, on transformers' DynamicLayer (torch.cat at every step)
+        buffered, ar._new_cache = ar._new_cache, lambda model, capacity, layers=(): DynamicCache(layers or None)
+        try:
+            return ours()
+        finally:
+            ar._new_cache = buffered
     r = race(device, repeats, ours=ours, plain=lambda: plain_rollout(model, tok, prompts, budgets, c),
-             reencode=lambda: ours(reuse_cache=False))
+             reencode=lambda: ours(reuse_cache=False), concat=concatenating)
     for v in r.values():
         v["tokens"] = v.pop("result")
         v["tokens_per_s"] = v["tokens"] / v["median_s"]
@@ -546,6 +553,9 @@ def main(argv=None):
             f"{o['tokens_per_s'] / b['tokens_per_s']:.2f}x")
         row("1 rollout, tokens/s (summaries on the thinking's cache vs re-encoded)", f"{o['tokens_per_s']:.0f}",
             f"{e['tokens_per_s']:.0f}", f"{o['tokens_per_s'] / e['tokens_per_s']:.2f}x")
+        k = r["concat"]
+        row("1 rollout, tokens/s (KV written into a buffer vs DynamicLayer's torch.cat)", f"{o['tokens_per_s']:.0f}",
+            f"{k['tokens_per_s']:.0f}", f"{o['tokens_per_s'] / k['tokens_per_s']:.2f}x")
         notes.append(f"rollout: {o['tokens']} vs {b['tokens']} tokens per run; plain: one HF generate row per "
                      f"(trace, budget, summary); {c.think_batch} / {c.summary_batch} rows per generate call "
                      "(thinking / summaries) on both sides")
@@ -568,8 +578,11 @@ def main(argv=None):
         log("3. RL steps: grpo and ar-uniform")
         make_model = lambda: build_model(a.gpu, tok, device)
         steps = rl_steps(make_model, tok, prompts, truths, c, device)
-        r = res["step"] = {k: {"median_s": v["median_s"], "times_s": v["times_s"]}
-                           for k, v in race(device, a.repeats, **steps).items()}
+        parts, logged = ("s_think", "s_summary", "s_score", "s_update"), {k: [] for k in steps}
+        record = lambda k: lambda: logged[k].append(steps[k]())
+        r = res["step"] = {k: {"median_s": v["median_s"], "times_s": v["times_s"],   # split: timed runs' medians
+                               "split_s": {p: statistics.median(m[p] for m in logged[k][1:]) for p in parts}}
+                           for k, v in race(device, a.repeats, **{k: record(k) for k in steps}).items()}
         log("3. RL step: TRL, taking turns with our grpo step")
         trl_r = r["trl"] = bench_trl(make_model, tok, prompts, truths, c, device, a.repeats, steps["grpo"])
         grpo, ar_s = r["grpo"]["median_s"], r["ar-uniform"]["median_s"]
@@ -589,6 +602,9 @@ def main(argv=None):
             "<= 1.8", ar_s / grpo <= 1.8)
         notes.append(f"generated tokens per trace: grpo {c.max_think + c.summary}, "
                      f"ar-uniform {c.max_think + c.S * c.A * c.summary}")
+        for k in ("grpo", "ar-uniform"):
+            notes.append(f"{k} step, median s: " + ", ".join(
+                f"{p[2:]} {r[k]['split_s'][p]:.3f}" for p in parts) + " (thinking, summaries, scoring, updates)")
     if "checker" in only:
         log("4. checker")
         r = res["checker"] = bench_checker(a.data, a.repeats)

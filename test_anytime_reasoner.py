@@ -804,6 +804,26 @@ def test_two_updates_per_rollout(monkeypatch):
     assert m["updates"] == 2 and m["clipfrac"] > 0 and m["approx_kl"] > 0
 
 
+def test_rl_step_reports_where_its_time_went(monkeypatch):
+    """The step's time split: thinking and summary generation (timed in rollout), scoring, updates.
+    The thinking's generate() call is made to sleep 1 s: that second must show up as thinking."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
+    args = _step_args("ar-uniform")
+    generate = ar.generate
+
+    def slow_thinking(*a, **k):
+        if k.get("keep_cache"):            # the thinking pass keeps its cache for the summaries
+            time.sleep(1.0)
+        return generate(*a, **k)
+    monkeypatch.setattr(ar, "generate", slow_thinking)
+    m = ts.rl_step(model, tok, torch.optim.AdamW(model.parameters()), ["ab\n<think>\n"], ["1"], args,
+                   ar.budget_prior(args.prior, args.budgets), torch.device("cpu"))
+    parts = [m[k] for k in ("s_think", "s_summary", "s_score", "s_update")]
+    assert m["s_think"] >= 1.0 > m["s_summary"] and m["s_update"] > 0 and min(parts) >= 0
+    assert sum(parts) <= m["s_per_step"] + 0.01    # disjoint parts of the step
+
+
 def test_one_update_per_rollout_is_on_policy(monkeypatch):
     tok = ts.tiny_tokenizer()
     model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
@@ -1524,11 +1544,16 @@ def test_resume_continues_exactly(tmp_path):
     proc.kill()
     proc.communicate()
     assert [x["step"] for x in jsonl_rows(a / "metrics.jsonl")] == [1, 2, 3]
-    r = run_script("--resume", str(a / "ckpt"))
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "at step 2 of 4" in r.stdout
-    r = run_script(*common, "--out-dir", str(b))
-    assert r.returncode == 0, r.stderr[-2000:]
+    resumed = run_script("--resume", str(a / "ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at step 2 of 4" in resumed.stdout
+    straight = run_script(*common, "--out-dir", str(b))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    # both end with the same before/after table and chart (the resumed run's "before" is read
+    # from the first run's log); transformers' bars stay off for the checkpoints' saves
+    final = lambda out: out[out.rindex("budget"):].replace(str(b), str(a))
+    assert "before" in final(straight.stdout) and final(resumed.stdout) == final(straight.stdout)
+    assert "Writing model shards" not in straight.stderr + resumed.stderr
 
     assert [x["step"] for x in jsonl_rows(a / "metrics.jsonl")] == [1, 2, 3, 4]
     assert [x["step"] for x in jsonl_rows(a / "eval.jsonl")] == [0, 2, 4]

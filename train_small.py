@@ -14,6 +14,7 @@ data, model loading, checkpoints, logging) around one training loop, `train`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -472,6 +473,20 @@ def load_model(name: str, device: torch.device):
     return model.to(device), tokenizer
 
 
+@contextlib.contextmanager
+def no_hf_bars():
+    """Without transformers' "Writing model shards" / "Loading weights" bars, for the saves and
+    loads that happen between steps (our own log says what was saved)."""
+    from transformers.utils import logging as hf_logging
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(path: str, model, tokenizer, optimizer, step: int, data_pos: int, args: Args):
     """Everything needed to continue exactly: weights, tokenizer, optimiser, step, RNG, data position.
 
@@ -481,7 +496,8 @@ def save_checkpoint(path: str, model, tokenizer, optimizer, step: int, data_pos:
     tmp, old = path + ".tmp", path + ".old"
     if os.path.isdir(tmp):  # half written by a crash
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    with no_hf_bars():
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "data_pos": data_pos,
                 "rng": rng_state()}, os.path.join(tmp, "trainer_state.pt"))
@@ -642,9 +658,11 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     t_gen = time.time() - t0
     gen_tokens = int(ro.think_len.sum()) + sum(len(x) for q in ro.summary_ids for t in q for s in t for x in s)
 
+    t_score = time.time()
     scores = ar.score_rollout(ro, truths)                                       # B,G,S,A
     think_adv, summ_adv = ar.rollout_advantages(ro, scores, prior, args.thinking_method,
                                                 args.summary_method)            # N,S  N,S,A
+    t_update = time.time()
 
     # Trace n = b*G + g is row n of think_adv / summ_adv. Mini-batches of traces, each
     # cut into micro-batches of packed rows (lists of (b, g), packed on the CPU).
@@ -689,6 +707,7 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
             n_tokens += n
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         optimizer.step()
+    t_end = time.time()  # float(clip_grad_norm_) waited for the device
     stats = {k: v / max(n_tokens, 1) for k, v in stats.items()}  # per trained token, all updates
 
     r = ar.pooled_scores(scores, ro.prompt_index)                               # B,G,S
@@ -700,6 +719,10 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
             "clipfrac": round(stats["clipfrac"], 4), "approx_kl": round(stats["approx_kl"], 6),
             "grad_norm": round(sum(grad_norms) / len(grad_norms), 4), "updates": U,
             "gen_tok_s": round(gen_tokens / t_gen, 1), "s_per_step": round(dt, 2),
+            # where the step's time went: rollout (thinking, summaries), scoring + advantages,
+            # PPO updates (packing, old/ref log-probs, forward, backward, optimiser)
+            "s_think": round(ro.seconds["think"], 3), "s_summary": round(ro.seconds["summary"], 3),
+            "s_score": round(t_update - t_score, 3), "s_update": round(t_end - t_update, 3),
             # SPEC 8: Var[R - V] / Var[R] per budget for V = V1, V2, BRPO (NaN: too few traces)
             **{k: [round(x, 4) if x == x else None for x in v.tolist()]
                for k, v in var.items() if k.startswith("var_ratio")}}
@@ -737,7 +760,12 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
         print(format_table({f"step {step}": r}))
         return r
 
-    first = result = run_eval(start_step) if start_step == 0 else None
+    if start_step == 0:
+        first = result = run_eval(0)
+    else:  # resumed: "before" is the step-0 evaluation its first run logged (None if not there)
+        with open(eval_path) as f:
+            first = next((r for r in map(json.loads, filter(str.strip, f)) if r.pop("step") == 0), None)
+        result = None
     step = saved = start_step
     interrupted = False
 
@@ -796,12 +824,14 @@ def main_demo(args: Args, device):
     if os.path.isdir(start):
         from transformers import AutoModelForCausalLM
         print(f"using the warmed-up model in {start}")
-        model = AutoModelForCausalLM.from_pretrained(start).to(device)
+        with no_hf_bars():
+            model = AutoModelForCausalLM.from_pretrained(start).to(device)
     else:
         model = tiny_model(tokenizer, seed=args.seed).to(device)
         print(f"tiny model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         demo_warmup(model, tokenizer, args.warmup_steps, args.seed, device)
-        model.save_pretrained(start)
+        with no_hf_bars():
+            model.save_pretrained(start)
     grpo = {k: v for k, v in asdict(ar.PRESETS["grpo"]).items() if k != "num_budgets"}
     runs = {args.preset: args,
             "grpo": Args(**{**asdict(args), **grpo, "budgets": [args.max_think], "preset": "grpo"})}
@@ -811,7 +841,8 @@ def main_demo(args: Args, device):
     for name, run_args in runs.items():
         from transformers import AutoModelForCausalLM
         seed_everything(args.seed)
-        model = AutoModelForCausalLM.from_pretrained(start).to(device)
+        with no_hf_bars():
+            model = AutoModelForCausalLM.from_pretrained(start).to(device)
         print(f"\n=== {name}: S={len(run_args.budgets)} budgets {run_args.budgets}, "
               f"A={run_args.num_summaries}, prior {run_args.prior}, thinking {run_args.thinking_method}, "
               f"summary {run_args.summary_method}")

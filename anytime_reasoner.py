@@ -15,7 +15,7 @@ decoupled advantage.
 
 Run it:
     python train_small.py                      # one GPU, Qwen2.5-0.5B-Instruct on GSM8K
-    python train_small.py --demo               # CPU, offline, about 2 minutes
+    python train_small.py --demo               # CPU, offline, about 3 minutes
     python -m pytest -q test_anytime_reasoner.py
 
 Reading order: sections 1, 3-10 are the algorithm (about 900 lines). Section 2,
@@ -1011,13 +1011,13 @@ def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, tempe
             ids[r, width - len(seq):] = torch.tensor(seq)
             mask[r, width - len(seq):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        cache, done = _new_cache(model, width + max_new_tokens), 0  # ids[:, :done] are in cache
+        layers, done = (), 0  # the keys and values of ids[:, :done]
         if prefix is not None:
             kv, owner, shared = prefix
             src = [rows[copy_of.index(r)] for r in range(len(distinct))]  # row of ids -> index in seqs
             layers, done = _cache_from(kv, [owner[i] for i in src], [shared[i] for i in src],
                                        [len(seqs[i]) for i in src], width)
-            cache = _new_cache(model, width + max_new_tokens, layers)
+        cache = _new_cache(model, width + max_new_tokens, layers)
         copy_of = torch.tensor(copy_of, device=device)
         if len(distinct) < len(rows):  # encode all but the last token once, then copy the cache
             if done < width - 1:
@@ -1085,7 +1085,7 @@ def _cache_from(kv: KVCache, owner: list[int], shared: list[int], lengths: list[
     return [(gather(k), gather(v)) for k, v in kv.layers], C
 
 
-def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache=None):
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache):
     """Keys and values of left-padded ids (R,U) appended to `cache` (which holds the first
     columns of mask (R,C+U)), with the position ids `generate` gives them."""
     position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]

@@ -5,7 +5,7 @@
     python train_small.py --model Qwen/Qwen3-0.6B          # native thinking, </think> is one token
     python train_small.py --data-dir ../shared/gsm8k       # local GSM8K (else downloaded once)
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
-    python train_small.py --demo                           # CPU, offline, ~2 minutes: see the effect
+    python train_small.py --demo                           # CPU, offline, ~3 minutes: see the effect
     python train_small.py --help                           # every flag, its unit, default and demo value
 
 The algorithm lives in anytime_reasoner.py; this file is plumbing (arguments,
@@ -102,7 +102,7 @@ class Args:
     data_dir: str | None = arg(None, "folder with GSM8K's train.jsonl and test.jsonl [default: "
                                "downloaded once into ~/.cache/anytime_reasoner/gsm8k]")
     device: str = arg("auto", "cpu, cuda, cuda:1 or mps; auto: a GPU if there is one")
-    demo: bool = arg(False, "offline CPU demo, ~2 minutes: a tiny model built in code learns a "
+    demo: bool = arg(False, "offline CPU demo, ~3 minutes: a tiny model built in code learns a "
                      "synthetic task, then AnytimeReasoner and GRPO train it from the same start")
 
 
@@ -162,7 +162,7 @@ def parse_args(argv=None) -> Args:
     cfg = asdict(Args())
     if given.get("demo"):
         if "resume" in given:
-            die("--demo does not resume; it takes two minutes, run it again")
+            die("--demo does not resume; it takes a few minutes, run it again")
         for k in ("model", "data_dir"):
             if k in given:
                 die(f"--demo builds its own model and data; drop --{k.replace('_', '-')}")
@@ -821,11 +821,8 @@ def main_demo(args: Args, device):
     eval_set = [demo_problem(random.Random(10_000 + i)) for i in range(args.eval_size)]
     os.makedirs(args.out_dir, exist_ok=True)
     start = os.path.join(args.out_dir, f"warmup-seed{args.seed}-{args.warmup_steps}steps")
-    if os.path.isdir(start):
-        from transformers import AutoModelForCausalLM
+    if os.path.isdir(start):  # each run below loads it
         print(f"using the warmed-up model in {start}")
-        with no_hf_bars():
-            model = AutoModelForCausalLM.from_pretrained(start).to(device)
     else:
         model = tiny_model(tokenizer, seed=args.seed).to(device)
         print(f"tiny model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")

@@ -11,30 +11,73 @@ sampled after each cut, and every summary is scored. Thinking tokens are then
 rewarded for how good the answers at *all later budgets* are (weighted by a
 budget prior), against a baseline that mixes the trace's own progress so far
 (V1) with the group mean (V2). That is BRPO. Summaries get their own,
-decoupled advantage.
+decoupled advantage, and one PPO-clip loss trains both (anytime_loss).
 
 Run it:
     python train_small.py                      # one GPU, Qwen2.5-0.5B-Instruct on GSM8K
     python train_small.py --demo               # CPU, offline, about 3 minutes
     python -m pytest -q test_anytime_reasoner.py
 
-Reading order: sections 1, 3-10 are the algorithm (about 900 lines). Section 2,
-the answer checker, is long only because it must be safe on model text (no eval,
-bounded time); skip it on a first read, it is two functions: extract_answer and
-answers_match.
+Reading order: the algorithm is sections 1 and 3-10, in the order data flows:
+    1 prompts -> 3 budget prior -> 4 rollout -> 5 rewards -> 6 advantages
+    (thinking_advantages: BRPO; summary_advantages: decoupled) -> 7 packed
+    log-probs -> 8 the loss (anytime_loss, the whole objective) -> 9 evaluation
+    -> 10 the paper's runs (PRESETS).
+Skip on a first read: section 2, the answer checker (long only because it must
+be safe on model text: no eval, bounded time; its interface is extract_answer
+and answers_match), and the appendices after section 10: A, the tensor shape
+checks, and B, the sampling engine (generate(): Hugging Face `generate` with the
+stopping rules and the reuse of the thinking's KV cache for the summaries).
+Sections 2, 3, 6 and 8 (policy_loss) need only torch and sympy; transformers is
+imported only where generation needs it.
 
 Shapes used throughout (letters defined once, here):
     B questions, G thinking traces per question, S budgets, A summaries per
-    (trace, budget), N = B*G traces, T tokens of a packed sequence,
-    V vocabulary size, H hidden size.
+    (trace, budget), N = B*G traces, T tokens of a packed sequence.
+Every public function checks the rank of its tensors and that the letters agree
+between its arguments; a wrong shape is a ValueError that names the expected one.
+
+The objective (b_s the budgets, p_s the prior, r[g,s] the mean score of trace
+g's summaries at budget s):
+    J       = sum_s p_s * E[score of the answer given after the thinking is cut at b_s]
+    R[g,s]  = sum_{k>=s} p_k r[g,k]          return of thinking segment (b_{s-1}, b_s]
+    V2[g,s] = mean over the G traces of R[.,s]    the group baseline, as in GRPO
+    prev    = sum_{k<s} 2^k r[g,k] / sum_{k<s} 2^k,   V1[g,s] = prev * sum_{k>=s} p_k
+    A[g,s]  = R[g,s] - (s * V1[g,s] + (S - s) * V2[g,s]) / S        BRPO
+Tokens of segment s can only change the answers at budgets s and later, hence
+the sum over k >= s. V1 predicts those answers from the ones the trace already
+gave: the answer at budget k is made from a longer thought than the one at k-1,
+so it is better evidence of where the trace stands now, and the weights 2^k
+double from one budget to the next (the latest answer weighs as much as all
+earlier ones together). Early on, V1 rests on few answers and V2 is the better
+guess; late, the trace's own history is: hence the weights s/S and (S-s)/S.
+The paper shows this mix has a lower variance than either baseline alone
+(variance_diagnostics measures it).
+
+Words used here:
+    KV cache      the keys and values of every attention layer for the tokens
+                  already read. Generation appends one token at a time and reuses
+                  them; the summaries start from the thinking's cache (appendix B).
+    packed tree   one training row per trace: prompt, thinking, then every
+                  summary block; an attention mask lets each summary see only the
+                  thinking up to its cut (the diagram in section 7).
+    sdpa, eager   two attention implementations of Hugging Face models: PyTorch's
+                  fused scaled_dot_product_attention, and a plain matmul-softmax.
+                  The packed mask is an additive 4-D tensor that works with both.
+    PPO-clip      the policy-gradient loss whose probability ratio new/old is
+                  clipped to [1 - eps, 1 + eps]. At ratio 1 (on-policy) its
+                  gradient is REINFORCE's, -A * grad log pi.
+    verl, vLLM    the RL library the authors forked and the fast inference engine
+                  it samples with; neither is used here.
 
 Where this file departs from the paper (the authors' code, a verl fork with
 vLLM on 8 GPUs, is followed where it and the paper differ):
  1. Rollouts use Hugging Face `generate` (no vLLM). Thinking stops at the
     first `</think>` (one special token or several ordinary ones), EOS, or the
     last budget. Summaries run to EOS or `summary_max_tokens`, as the authors'
-    (they cap them at 118 tokens); `stop_at_box=True` stops each one as soon as
-    its box closes, a shortcut that never samples or trains the summary's EOS.
+    (they cap all their summaries at 118 tokens); `stop_at_box=True` stops each
+    one as soon as its box closes, a shortcut that never samples or trains the
+    summary's EOS.
  2. Budgets whose summary prompts are identical (a trace that closed before
     them, or whose EOS they reach) share one prompt, sampled once with A
     summaries per budget that collapsed, as the authors do. The authors then
@@ -44,18 +87,20 @@ vLLM on 8 GPUs, is followed where it and the paper differ):
     sibling baseline of those summaries (A > 1) is that pooled mean in both.
     With A = 1 the summary baseline is, as the authors', the mean over the G
     traces of each budget slot's own score.
- 3. The loss is summed over trained tokens and divided by a constant,
-    traces in the update x largest budget, so micro-batches add up exactly
-    (the authors average over each micro-batch's padded rows x length).
+ 3. The loss is the sum over trained tokens divided by a constant, traces in
+    the update x largest budget, so micro-batches add up exactly. The authors'
+    loss has the same form with another constant: their update rescales each
+    micro-batch's mean, which makes it the sum over trained tokens divided by
+    mini-batch traces x the padded response length (10176 in their runs).
  4. The answer checker builds sympy expressions with its own small parser and
     never calls `sympify`/`parse_expr` (they `eval` model text).
  5. Summary advantage "grpo" with A > 1 trains all A summaries of the last
     budget; the authors' code trains only the last of them (no paper run uses
     that combination).
-Followed as the authors do, where SPEC or the paper leave room: a trace that
-ends in EOS is cut like a running one, so the budgets that reach its EOS see it
-in their summary prompt and score 0, and earlier budgets are graded normally;
-PPO makes 2 updates per rollout (mini-batches of half the traces) against old
+Followed as the authors do, where the paper leaves room: a trace that ends in
+EOS is cut like a running one, so the budgets that reach its EOS see it in
+their summary prompt and score 0, and earlier budgets are graded normally; PPO
+makes 2 updates per rollout (mini-batches of half the traces) against old
 log-probs computed once, with the 0.2 clip (train_small.py; 1 update is the
 fast on-policy path); the loss uses log softmax(logits / temperature), the
 distribution the rollout sampled from; AdamW weight decay 0.01.
@@ -63,19 +108,18 @@ distribution the rollout sampled from; AdamW weight decay 0.01.
 from __future__ import annotations
 
 import bisect
+import functools
 import operator
 import re
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
+from types import SimpleNamespace
 from typing import Tuple, Union
 
 import sympy
 import torch
-import transformers
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache, GenerationConfig
-from transformers.cache_utils import DynamicLayer
 
 # ----------------------------------------------------------------------------
 # 1. Prompts and text format
@@ -83,7 +127,7 @@ from transformers.cache_utils import DynamicLayer
 
 THINK_END = "</think>"
 ANSWER_HEADING = "**Final Answer**"
-# SPEC 2: text inserted after the thinking, never trained.
+# Text inserted after the thinking before each summary; it is never trained.
 TRUNCATED_INSERT = "...\n\n...\n\n" + THINK_END + "\n\n" + ANSWER_HEADING + "\n"  # trace cut short
 CLOSED_INSERT = "\n\n" + ANSWER_HEADING + "\n"                                 # trace closed by itself
 
@@ -780,11 +824,22 @@ def evenly_spaced_budgets(max_think: int, num_budgets: int) -> list[int]:
 
 
 def check_budgets(budgets) -> list[int]:
-    """Budgets must be positive integers, strictly increasing."""
+    """The S budgets as a list of ints: positive, strictly increasing. Takes a list, a
+    tuple, a 1-D tensor or a 1-D numpy array of whole numbers."""
+    if hasattr(budgets, "tolist"):                       # a tensor or an array
+        if getattr(budgets, "ndim", 1) != 1:
+            raise ValueError(f"budgets must be 1-D, [S] token counts; got shape {tuple(budgets.shape)}")
+        budgets = budgets.tolist()
     budgets = list(budgets)
     if not budgets:
         raise ValueError("budgets must not be empty")
-    if any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in budgets):
+    try:
+        if any(isinstance(b, bool) for b in budgets):
+            raise TypeError
+        budgets = [operator.index(b) for b in budgets]   # ints, numpy ints; not 1.5, not 128.0
+    except TypeError:
+        raise ValueError(f"budgets must be positive integers, got {budgets}") from None
+    if any(b <= 0 for b in budgets):
         raise ValueError(f"budgets must be positive integers, got {budgets}")
     if any(b2 <= b1 for b1, b2 in zip(budgets, budgets[1:])):
         raise ValueError(f"budgets must be strictly increasing (sorted, no duplicates), got {budgets}")
@@ -795,9 +850,11 @@ PRIORS = ("uniform", "linear", "base")
 
 
 def budget_prior(kind: str, budgets) -> torch.Tensor:
-    """p_B over the S budgets (SPEC 1). It weights rewards; budgets are never sampled.
+    """p, the weight of each of the S budgets in the objective; sums to 1.  -> S
 
-    uniform: p_s = 1/S;  linear: p_s = b_s / sum(b);  base: all mass on the last budget.
+    uniform: p_s = 1/S;  linear: p_s = b_s / sum(b);  base: all mass on the last
+    budget (plain final-answer RL). The prior only weights rewards: every budget is
+    evaluated for every trace, none is sampled.
     """
     budgets = check_budgets(budgets)
     b = torch.tensor(budgets, dtype=torch.float32)  # S
@@ -841,261 +898,10 @@ class Rollout:
         return self.ended_eos[..., None] & (self.cuts == self.think_len[..., None])
 
 
-def _first_stop(tokens: list[int], eos: set[int], think_end: list[int],
-                tokenizer=None) -> tuple[int, str]:
-    """Length up to and including the first stop, and why it stopped ('think', 'eos', 'max').
-
-    `</think>` is matched on ids; when it is several ordinary tokens and a tokenizer is
-    given, also on text, since a sampled trace may spell it with other merges (">\n\n").
-    """
-    k = len(think_end)
-    pieces = tokenizer.convert_ids_to_tokens(tokens) if tokenizer is not None and k > 1 else None
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return i + 1, "eos"
-        if k and t == think_end[-1] and i + 1 >= k and tokens[i + 1 - k:i + 1] == think_end:
-            return i + 1, "think"
-        if pieces and ">" in (pieces[i] or "") and \
-                THINK_END in tokenizer.decode(tokens[max(0, i - k - 2):i + 1]):
-            return i + 1, "think"
-    return len(tokens), "max"
-
-
-class _ThinkEndStop:
-    """Stops a row once its new tokens spell a multi-token `</think>` (a StoppingCriteria)."""
-    def __init__(self, tokenizer, think_end: list[int], prompt_len: int):
-        self.tokenizer, self.k, self.prompt_len = tokenizer, len(think_end), prompt_len
-
-    def __call__(self, input_ids, scores, **kwargs):
-        # `</think>` can only end on a token that holds a ">": decode just those rows' tails.
-        start = max(self.prompt_len, input_ids.shape[1] - self.k - 2)
-        newest = self.tokenizer.convert_ids_to_tokens(input_ids[:, -1].tolist())
-        done = [">" in (piece or "") and THINK_END in self.tokenizer.decode(input_ids[r, start:])
-                for r, piece in enumerate(newest)]
-        return torch.tensor(done, device=input_ids.device)
-
-
-class _BoxedStop:
-    """Stops a summary row as soon as a `\\boxed{...}` in it is closed, and remembers
-    where (`stop_len`), so the padding generate() appends afterwards is never kept."""
-    def __init__(self, tokenizer, prompt_len: int, rows: int):
-        self.tokenizer, self.prompt_len = tokenizer, prompt_len
-        self.stop_len = [None] * rows
-
-    def __call__(self, input_ids, scores, **kwargs):
-        # A box can only close on a token that holds a "}": decode just those rows, not all.
-        newest = self.tokenizer.convert_ids_to_tokens(input_ids[:, -1].tolist())
-        for r, piece in enumerate(newest):
-            if self.stop_len[r] is None and "}" in (piece or "") and \
-                    _boxed_closed(self.tokenizer.decode(input_ids[r, self.prompt_len:])):
-                self.stop_len[r] = input_ids.shape[1] - self.prompt_len
-        return torch.tensor([n is not None for n in self.stop_len], device=input_ids.device)
-
-
-def _boxed_closed(text: str) -> bool:
-    i = text.rfind("\\boxed{")
-    if i < 0:
-        return False
-    depth = 0
-    for ch in text[i + 6:]:
-        depth += (ch == "{") - (ch == "}")
-        if depth == 0:
-            return True
-    return False
-
-
-# transformers 5.24 renamed the `past_key_values` argument (and output) of generate() and the
-# models to `cache`; the old name warns on every call.
-_CACHE = "cache" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 24) \
-    else "past_key_values"
-
-
-@dataclass
-class KVCache:
-    """Keys and values that generate() computed, kept to be reused.
-
-    layers[l] = (keys, values), each (rows, heads, width, head_dim). Token t of sequence i
-    (its prompt, then its new tokens) sits in row[i], column start[i] + t, for t < length[i]
-    (a batch's last sampled token is never fed to the model, so it has no keys yet).
-    """
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    row: torch.Tensor      # N
-    start: torch.Tensor    # N
-    length: torch.Tensor   # N
-
-
-class _Buffered(DynamicLayer):
-    """A DynamicLayer that writes each step's keys and values into a buffer with room for
-    `capacity` positions, where DynamicLayer concatenates, copying the whole cache at every
-    step. The same keys and values, with spare room after them (bench.py, CPU: rollout 1.3-1.5x)."""
-
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity, self.buffers = capacity, None
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        n, q = self.get_seq_length(), key_states.shape[-2]
-        if self.buffers is None or self.keys.data_ptr() != self.buffers[0].data_ptr() \
-                or self.keys.shape[0] != key_states.shape[0] or n + q > self.buffers[0].shape[-2]:
-            # first call, or keys replaced (batch_select_indices) or outgrown: a new buffer
-            B, H, _, D = key_states.shape
-            self.buffers = [x.new_empty(B, H, max(self.capacity, n + q), D) for x in (key_states, value_states)]
-            if n:
-                self.buffers[0][..., :n, :], self.buffers[1][..., :n, :] = self.keys, self.values
-            self.is_initialized, self.device = True, key_states.device
-        self.buffers[0][..., n:n + q, :], self.buffers[1][..., n:n + q, :] = key_states, value_states
-        self.keys, self.values = (b[..., :n + q, :] for b in self.buffers)
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor):
-        """Copy the chosen rows with their spare room: one copy, and the next update is in place."""
-        if self.buffers is None or self.keys.data_ptr() != self.buffers[0].data_ptr():
-            return super().batch_select_indices(indices)
-        n = self.get_seq_length()
-        self.buffers = [b[indices] for b in self.buffers]
-        self.keys, self.values = (b[..., :n, :] for b in self.buffers)
-
-
-def _new_cache(model, capacity: int, layers=()) -> DynamicCache:
-    """An empty model cache (or one holding `layers`' keys and values) with _Buffered layers."""
-    cache = DynamicCache(config=model.config)
-    cache.layers = [_Buffered(capacity) if type(x) is DynamicLayer else x for x in cache.layers]
-    for layer, (k, v) in zip(cache.layers, layers):
-        layer.update(k, v)
-    return cache
-
-
-@torch.inference_mode()  # lighter than no_grad (about 10 % on a CPU); nothing here is trained on
-def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
-             batch_size: int, think_end: list[int] | None = None, stop_at_box: bool = False,
-             progress=None, prefix: tuple[KVCache, list[int], list[int]] | None = None,
-             keep_cache: bool = False):
-    """Sample a continuation of every sequence with HF `generate`, `batch_size` rows at a time.
-
-    Rows are sorted by length (less padding), left-padded, and stop at EOS, at
-    `think_end` if given, or after `max_new_tokens`. Returns the new tokens of
-    each row, cut after its first stop token, in the input order; with
-    `keep_cache`, returns (tokens, why, kv): also each row's stop reason
-    ('think', 'eos', 'max', as _first_stop) and the KVCache of every row.
-
-    Work is shared, exactly (same tokens at the same positions):
-    - identical sequences (the G traces of a question, the k*A summaries of a
-      summary prompt) are encoded once per batch; their cache is copied to each row;
-    - with prefix = (kv, owner, shared), the first shared[i] tokens of seqs[i]
-      are the first tokens of sequence owner[i] of `kv`: their keys and values
-      are taken from there (see _cache_from).
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = stop_ids(tokenizer)
-    eos_set, eos_for_gen = set(eos), eos + (think_end if think_end and len(think_end) == 1 else [])
-    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), seqs[i]))  # copies side by side
-    out: list[list[int]] = [[] for _ in seqs]
-    why: list[str] = [""] * len(seqs)
-    kept, where = [], [None] * len(seqs)  # keep_cache: each batch's keys/values; (row, start, length)
-    device = next(model.parameters()).device
-    # Plain sampling from softmax(logits / T), as the loss assumes: a fresh config, so a
-    # checkpoint's own defaults (Qwen2.5: top_k 20, top_p 0.8, repetition_penalty 1.05) are off.
-    config = GenerationConfig(
-        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-        top_k=0 if temperature > 0 else None, top_p=1.0 if temperature > 0 else None,
-        repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_for_gen,
-        pad_token_id=pad, return_dict_in_generate=keep_cache)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        distinct: dict[tuple, int] = {}  # sequence -> its row in ids
-        copy_of = [distinct.setdefault(tuple(seqs[i]), len(distinct)) for i in rows]
-        width = max(map(len, distinct))
-        ids = torch.full((len(distinct), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(distinct), width), dtype=torch.long)
-        for r, seq in enumerate(distinct):  # left padding: generation continues at the right edge
-            ids[r, width - len(seq):] = torch.tensor(seq)
-            mask[r, width - len(seq):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        layers, done = (), 0  # the keys and values of ids[:, :done]
-        if prefix is not None:
-            kv, owner, shared = prefix
-            src = [rows[copy_of.index(r)] for r in range(len(distinct))]  # row of ids -> index in seqs
-            layers, done = _cache_from(kv, [owner[i] for i in src], [shared[i] for i in src],
-                                       [len(seqs[i]) for i in src], width)
-        cache = _new_cache(model, width + max_new_tokens, layers)
-        copy_of = torch.tensor(copy_of, device=device)
-        if len(distinct) < len(rows):  # encode all but the last token once, then copy the cache
-            if done < width - 1:
-                cache = _prefill(model, ids[:, done:-1], mask[:, :-1], cache)
-            cache.batch_select_indices(copy_of)
-        ids, mask = ids[copy_of], mask[copy_of]
-        criteria = []
-        if think_end and len(think_end) > 1:
-            criteria.append(_ThinkEndStop(tokenizer, think_end, width))
-        box = _BoxedStop(tokenizer, width, len(rows)) if stop_at_box else None
-        if box:
-            criteria.append(box)
-        gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             stopping_criteria=criteria or None, **{_CACHE: cache})
-        if keep_cache:  # token t of seqs[i] is in row start + r, column width - len(seqs[i]) + t
-            gen, cache = gen.sequences, gen[_CACHE]
-            kept.append([(layer.keys, layer.values) for layer in cache.layers])
-            for r, i in enumerate(rows):
-                where[i] = (start + r, width - len(seqs[i]), cache.get_seq_length() - width + len(seqs[i]))
-        for r, (i, new) in enumerate(zip(rows, gen[:, width:].tolist())):
-            n, why[i] = _first_stop(new, eos_set, think_end or [], tokenizer)
-            if box and box.stop_len[r] is not None:
-                n = min(n, box.stop_len[r])
-            out[i] = new[:n]
-        if progress is not None:
-            progress(len(rows))
-    if not keep_cache:
-        return out
-    if len(kept) > 1:  # one tensor per layer: the batches' caches, right-padded to one width, stacked
-        T = max(k.shape[2] for k, _ in (batch[0] for batch in kept))
-        stack = lambda xs: torch.cat([torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[2])) for x in xs])
-        kept = [[(stack([b[l][0] for b in kept]), stack([b[l][1] for b in kept])) for l in range(len(kept[0]))]]
-    row, start, length = torch.tensor(where, device=device).T
-    return out, why, KVCache(kept[0], row, start, length)
-
-
-def _cache_from(kv: KVCache, owner: list[int], shared: list[int], lengths: list[int],
-                width: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
-    """A cache for the first C columns of R rows left-padded to `width`, copied from `kv`.
-
-    Row j holds lengths[j] tokens; its first shared[j] tokens are the first tokens of
-    sequence owner[j] of kv. Each row still encodes its own tail, the U = max(lengths - reused)
-    last columns, and C = width - U:
-
-        kv, row of owner[j]:      [pads|prompt  thinking ...........]
-                                       ^ start
-        row j of the new batch:   [pads ...|prompt  thinking[:cut]|insert]
-                                  |<---- C: copied ---->|<--- U: encoded -->|
-
-    Exact: a copied column holds the same token at the same position (positions count the
-    unmasked tokens before it, as generate() computes them from the attention mask), so its
-    keys and values are those a fresh forward pass would compute (up to float rounding).
-    The tail may re-encode a few tokens that kv holds: harmless, same tokens, same positions.
-    Returns (keys and values per layer, C).
-    """
-    device = kv.row.device
-    own, L = torch.tensor(owner, device=device), torch.tensor(lengths, device=device)   # R, R
-    reused = torch.minimum(torch.tensor(shared, device=device), kv.length[own])        # R
-    U = max(1, int((L - reused).max()))
-    C = width - U
-    # Column x of row j holds token x - (width - L[j]), found at column start + that in kv.
-    # Columns left of the row's first token are padding, masked: any finite values do there.
-    cols = (kv.start[own] - (width - L))[:, None] + torch.arange(C, device=device)    # R,C
-    gather = lambda x: x[kv.row[own][:, None], :, cols.clamp(min=0)].transpose(1, 2)  # R,heads,C,dim
-    return [(gather(k), gather(v)) for k, v in kv.layers], C
-
-
-def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache):
-    """Keys and values of left-padded ids (R,U) appended to `cache` (which holds the first
-    columns of mask (R,C+U)), with the position ids `generate` gives them."""
-    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
-    base = getattr(model, model.base_model_prefix)  # no output layer: no R x U x V logits
-    return base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                **{_CACHE: cache})[_CACHE]
-
 
 def summary_prompts(length: int, why: str, budgets: list[int]) -> tuple[list[int], list[bool], list[int]]:
-    """SPEC 2, for one trace of `length` tokens that stopped for `why` ('think', 'eos', 'max').
+    """Where each budget's summary prompt cuts one trace of `length` tokens that stopped
+    for `why` ('think': `</think>`, 'eos', 'max': it reached the last budget).
 
     Returns (cuts[S], truncated[S], prompt_index[S]). A trace that closed with
     `</think>` within b_s is shown whole, with no ellipsis; otherwise it is cut
@@ -1118,7 +924,14 @@ def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces
             num_summaries: int, temperature: float = 1.0, summary_max_tokens: int = 64,
             think_batch_size: int = 64, summary_batch_size: int = 256, stop_at_box: bool = False,
             progress=None, reuse_cache: bool = True) -> Rollout:
-    """SPEC 2: G traces per prompt up to the last budget, then A summaries per (trace, budget).
+    """Think once, cut at every budget, summarise after every cut.
+
+    1. G thinking traces per prompt, each at most b_{S-1} tokens, stopping at `</think>` or EOS.
+    2. For each trace and budget b_s a summary prompt: prompt + thinking[:b_s] + "...\n\n...\n\n
+       </think>\n\n**Final Answer**\n" if the trace was still running at b_s, or prompt + the
+       whole thinking + "\n\n**Final Answer**\n" if it closed with `</think>` within b_s.
+    3. A summaries per (trace, budget), at the same temperature; they stop at EOS.
+    The sampling itself is generate() (appendix B).
 
     The summaries start from the thinking's KV cache: a summary prompt is the trace's own
     prompt + thinking[:cut] + an insert, so only the insert is encoded again
@@ -1128,6 +941,9 @@ def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces
     `progress(n)` is called with the number of rows finished, if given.
     """
     budgets = check_budgets(budgets)
+    if isinstance(prompts, str) or not prompts or num_traces < 1 or num_summaries < 1:
+        raise ValueError(f"need a non-empty list of prompts, num_traces >= 1 and num_summaries >= 1; got "
+                         f"{type(prompts).__name__} of {len(prompts)}, {num_traces}, {num_summaries}")
     t0 = time.perf_counter()
     B, G, S, A = len(prompts), num_traces, len(budgets), num_summaries
     think_end, eos = encode(tokenizer, THINK_END), set(stop_ids(tokenizer))
@@ -1212,13 +1028,19 @@ def score_rollout(ro: Rollout, truths: list[str]) -> torch.Tensor:
                          for b, per_question in enumerate(ro.summary_text)])
 
 
+# ----------------------------------------------------------------------------
+# 6. Advantages: BRPO for the thinking, decoupled for the summaries
+# ----------------------------------------------------------------------------
+
 def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
     """r[b,g,s]: mean score of the summaries at budget s, pooled over budgets sharing a prompt.
 
-    scores: B,G,S,A.  prompt_index: B,G,S (budget whose prompt s uses) or None.
+    scores: B,G,S,A.  prompt_index: B,G,S (budget whose prompt s uses) or None  ->  B,G,S
     """
+    sizes = _expect("scores", scores, "B,G,S,A")
     if prompt_index is None:
         return scores.mean(-1)
+    _expect("prompt_index", prompt_index, "B,G,S", sizes)
     A = scores.shape[-1]
     sums = torch.zeros(scores.shape[:-1], dtype=scores.dtype).scatter_add_(
         -1, prompt_index, scores.sum(-1))                                   # B,G,S
@@ -1227,17 +1049,17 @@ def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None
     return (sums / counts.clamp(min=1)).gather(-1, prompt_index)
 
 
-# ----------------------------------------------------------------------------
-# 6. Advantages (SPEC 4 and 5)
-# ----------------------------------------------------------------------------
-
 def returns_to_go(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """R[g,s] = sum_{k>=s} p_k r[g,k].   scores: B,G,S;  prior: S  ->  B,G,S"""
+    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
     return (scores * prior).flip(-1).cumsum(-1).flip(-1)
 
 
 def v2_baseline(returns: torch.Tensor) -> torch.Tensor:
-    """V2[g,s] = mean over the G traces of R[.,s] (trace itself included); 0 when G = 1."""
+    """V2[g,s] = mean over the G traces of R[.,s] (trace itself included); 0 when G = 1.
+
+    returns: B,G,S  ->  B,G,S"""
+    _expect("returns", returns, "B,G,S")
     if returns.shape[1] == 1:
         return torch.zeros_like(returns)
     return returns.mean(1, keepdim=True).expand_as(returns)
@@ -1246,8 +1068,10 @@ def v2_baseline(returns: torch.Tensor) -> torch.Tensor:
 def v1_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """V1[g,s] = prev[g,s] * sum_{k>=s} p_k, prev = sum_{k<s} 2^k r[g,k] / sum_{k<s} 2^k; V1[g,0] = 0.
 
-    scores: B,G,S;  prior: S  ->  B,G,S.  The trace's own answers so far, later ones weighted more.
+    scores: B,G,S;  prior: S  ->  B,G,S.  The trace's own answers so far, later ones weighted
+    more (each budget twice the one before: the module docstring says why).
     """
+    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
     S = scores.shape[-1]
     w = 2.0 ** torch.arange(S, dtype=scores.dtype)                 # S
     num = (scores * w).cumsum(-1) - scores * w                     # sum over k < s (exclusive)
@@ -1257,6 +1081,18 @@ def v1_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     return prev * tail
 
 
+def brpo_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """(s * V1[g,s] + (S - s) * V2[g,s]) / S: the group early, the trace's own history late.
+
+    scores: B,G,S;  prior: S  ->  B,G,S.  (The paper writes b_{s-1}/b_{S-1} for s/S: the
+    same for evenly spaced budgets.)
+    """
+    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
+    S = scores.shape[-1]
+    s = torch.arange(S, dtype=scores.dtype)                        # S
+    return (s * v1_baseline(scores, prior) + (S - s) * v2_baseline(returns_to_go(scores, prior))) / S
+
+
 THINKING_METHODS = ("brpo", "grpo", "v1", "none")
 
 
@@ -1264,15 +1100,15 @@ def thinking_advantages(scores: torch.Tensor, prior: torch.Tensor, method: str =
                         normalize_std: bool = False) -> torch.Tensor:
     """A[g,s] = R[g,s] - baseline[g,s]: the advantage of thinking segment (b_{s-1}, b_s].
 
-    scores: B,G,S (mean summary score of trace g at budget s);  prior: S  ->  B,G,S
+    scores: B,G,S (r, the mean summary score of trace g at budget s);  prior: S  ->  B,G,S
     baseline: brpo (s*V1 + (S-s)*V2)/S | grpo V2 | v1 V1 | none 0.
     No division by a standard deviation unless normalize_std (off, as the authors).
+    One question's G traces are scores[None]: the group mean V2 is taken over dim 1.
     """
-    S = scores.shape[-1]
+    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
     R = returns_to_go(scores, prior)
     if method == "brpo":
-        s = torch.arange(S, dtype=scores.dtype)
-        baseline = (s * v1_baseline(scores, prior) + (S - s) * v2_baseline(R)) / S
+        baseline = brpo_baseline(scores, prior)
     elif method == "grpo":
         baseline = v2_baseline(R)
     elif method == "v1":
@@ -1292,15 +1128,19 @@ SUMMARY_METHODS = ("brpo", "grpo")
 
 def summary_advantages(scores: torch.Tensor, method: str = "brpo",
                        prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Advantage of every summary (SPEC 5).   scores: B,G,S,A  ->  B,G,S,A
+    """The decoupled advantage of every summary: its score minus a baseline.  scores: B,G,S,A  ->  B,G,S,A
 
     A > 1: baseline = mean of the sibling summaries of the same prompt (pooled
     over budgets that share the prompt when prompt_index, B,G,S, is given).
     A == 1: baseline = mean over the G traces of the score in that budget slot,
     each slot's own sample, not pooled (as the authors; with G = 1 the advantage is 0).
-    brpo (decoupled): every budget's summaries learn, unweighted by the prior.
-    grpo: only the last budget's summaries get an advantage.
+    brpo (decoupled): every budget's summaries learn, unweighted by the prior, so
+    summaries learn at every budget even under the base prior.
+    grpo: only the last budget's summaries get an advantage; the others get 0.
     """
+    sizes = _expect("scores", scores, "B,G,S,A")
+    if prompt_index is not None:
+        _expect("prompt_index", prompt_index, "B,G,S", sizes)
     if method not in SUMMARY_METHODS:
         raise ValueError(f"unknown summary method {method!r}; choose one of {SUMMARY_METHODS}")
     A = scores.shape[-1]
@@ -1314,8 +1154,21 @@ def summary_advantages(scores: torch.Tensor, method: str = "brpo",
     return adv
 
 
+def rollout_advantages(ro: Rollout, scores: torch.Tensor, prior: torch.Tensor,
+                       thinking_method: str, summary_method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both advantages of a scored rollout, one row per trace n = b*G + g.
+
+    scores: B,G,S,A (score_rollout);  prior: S  ->  (thinking_adv N,S, summary_adv N,S,A)
+    """
+    _expect("scores", scores, "B,G,S,A", {"B": len(ro.think_ids), "S": len(ro.budgets)})
+    r = pooled_scores(scores, ro.prompt_index)                          # B,G,S
+    thinking_adv = thinking_advantages(r, prior, thinking_method)
+    summary_adv = summary_advantages(scores, summary_method, ro.prompt_index)
+    return thinking_adv.flatten(0, 1), summary_adv.flatten(0, 1)
+
+
 # ----------------------------------------------------------------------------
-# 7. Packed sequences and their log-probs (SPEC 6)
+# 7. Packed sequences and their log-probs
 # ----------------------------------------------------------------------------
 #
 # One row per trace: [prompt][thinking][insert_1 summary_1][insert_2 summary_2]...
@@ -1348,6 +1201,8 @@ class Packed:
     prefix_len: torch.Tensor    # N,T
     block_start: torch.Tensor   # N,T
     adv_index: torch.Tensor     # N,T: index into [thinking_adv (S) | summary_adv (S*A)], -1 = not trained
+    num_budgets: int | None = None     # S and A of the rows, so that token_advantages can check
+    num_summaries: int | None = None   # the advantages it is given (None: not checked)
 
 
 def pack_trace(prompt: list[int], think: list[int], budgets: list[int], cuts: list[int],
@@ -1393,12 +1248,16 @@ def pack_rollout(ro: Rollout, tokenizer, traces: list[tuple[int, int]] | None = 
     is_pad = torch.arange(T) >= torch.tensor([len(r["input_ids"]) for r in rows])[:, None]
     block_start = torch.where(is_pad, torch.arange(T).expand(len(rows), T), block_start)
     return Packed(stack("input_ids", pad), stack("position_ids", 0), prefix_len, block_start,
-                  stack("adv_index", -1))
+                  stack("adv_index", -1), len(ro.budgets), len(ro.summary_ids[0][0][0]))
 
 
 def packed_attention_mask(prefix_len: torch.Tensor, block_start: torch.Tensor,
                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive 4-D mask N,1,T,T (0 = attend, dtype min = blocked); works with eager and sdpa."""
+    """Additive 4-D mask N,1,T,T (0 = attend, dtype min = blocked); works with eager and sdpa.
+
+    prefix_len, block_start: N,T. Row i attends to key j iff j < prefix_len[i] or
+    block_start[i] <= j <= i (the diagram above)."""
+    _expect("block_start", block_start, "N,T", _expect("prefix_len", prefix_len, "N,T"))
     T = prefix_len.shape[-1]
     j = torch.arange(T, device=prefix_len.device)                    # key index
     i = j[:, None]                                                   # query index
@@ -1424,7 +1283,15 @@ def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
     One forward of the base model gives hidden states H; the output layer and
     log-softmax run on `chunk_size` trained positions at a time under
     activation checkpointing, so no N x T x V float32 tensor ever exists.
+    input_ids, position_ids, trained: N,T;  attention_mask: N,1,T,T (additive) or N,T.
     """
+    sizes = _expect("input_ids", input_ids, "N,T")
+    _expect("position_ids", position_ids, "N,T", sizes)
+    _expect("trained", trained, "N,T", sizes)
+    if attention_mask.dim() not in (2, 4) or attention_mask.shape[0] != sizes["N"] or \
+            attention_mask.shape[-1] != sizes["T"]:
+        raise ValueError(f"attention_mask must have shape [N, 1, T, T] or [N, T] with N, T = {sizes['N']}, "
+                         f"{sizes['T']}, got {tuple(attention_mask.shape)}")
     base = getattr(model, model.base_model_prefix)
     hidden = base(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids, use_cache=False).last_hidden_state   # N,T,H
@@ -1457,24 +1324,67 @@ def token_advantages(packed: Packed, thinking_adv: torch.Tensor,
 
     thinking_adv: N,S;  summary_adv: N,S,A  ->  N,T (0 where not trained)
     """
+    sizes = _expect("packed.adv_index", packed.adv_index, "N,T")
+    for name, x, dims in (("thinking_adv", thinking_adv, "N,S"), ("summary_adv", summary_adv, "N,S,A")):
+        _expect(name, x, dims, sizes)
+    for d, n in (("S", packed.num_budgets), ("A", packed.num_summaries)):
+        if n is not None and sizes[d] != n:
+            raise ValueError(f"the packed rows have {d} = {n}, the advantages {d} = {sizes[d]}")
     table = torch.cat([thinking_adv, summary_adv.flatten(1)], dim=1)        # N, S + S*A
     idx = packed.adv_index
     return table.gather(1, idx.clamp(min=0)) * (idx >= 0)
 
 
 # ----------------------------------------------------------------------------
-# 8. Loss (SPEC 6)
+# 8. The loss: the whole objective in one function (anytime_loss)
 # ----------------------------------------------------------------------------
+
+def anytime_loss(model, packed: Packed, thinking_adv: torch.Tensor, summary_adv: torch.Tensor,
+                 normaliser: float, old_logprobs: torch.Tensor | None = None,
+                 ref_logprobs: torch.Tensor | None = None, clip_eps: float = 0.2, kl_coef: float = 0.0,
+                 temperature: float = 1.0, chunk_size: int = 1024,
+                 mask_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+    """The AnytimeReasoner loss of N packed traces: decoupled advantages, then PPO-clip.
+
+        loss = 1/Z * sum over trained tokens i of  max(-A_i * ratio_i, -A_i * clip(ratio_i, 1-eps, 1+eps))
+               [+ kl_coef * 1/Z * sum_i KL_i]        ratio_i = pi(token i | its branch) / pi_old(...)
+
+    A_i is decoupled: a thinking token in segment (b_{s-1}, b_s] of trace n gets the
+    BRPO advantage thinking_adv[n, s]; a token of summary a at budget s gets that
+    summary's own advantage summary_adv[n, s, a]; prompts and inserted text are not
+    trained. Z = normaliser, a constant: traces in the whole update x largest budget,
+    so that micro-batches of one update add up to the loss of the whole update.
+    pi = softmax(logits / temperature), read in one forward over the packed rows.
+    old_logprobs (N,T, from before the first update of this rollout) make the ratio;
+    None means on-policy: old = current, detached, ratio 1, the REINFORCE gradient.
+    ref_logprobs (N,T) and kl_coef > 0 add a KL penalty to a reference model.
+
+    thinking_adv: N,S;  summary_adv: N,S,A  ->  (loss, stats: clipfrac, approx_kl,
+    tokens [, ref_kl]); stats are per trained token of this micro-batch.
+    """
+    advantages = token_advantages(packed, thinking_adv, summary_adv)    # N,T: the decoupled A_i
+    logprobs = packed_logprobs(model, packed, chunk_size, mask_dtype, temperature)   # N,T
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    mask = (packed.adv_index >= 0).to(logprobs.device)                  # N,T: trained tokens
+    return policy_loss(logprobs, old, advantages.to(logprobs.device), mask, normaliser, clip_eps,
+                       ref_logprobs, kl_coef)
+
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, normaliser: float, clip_eps: float = 0.2,
                 ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0):
     """PPO-clip with token-level aggregation: sum over trained tokens / a constant normaliser.
 
-    logprobs, old_logprobs, advantages, mask: N,T.  Returns (loss, stats dict).
-    With one update per rollout, old_logprobs = logprobs.detach(): ratio is 1,
-    nothing is clipped, and the gradient is the REINFORCE one, -sum A grad log pi / normaliser.
+    logprobs, old_logprobs, advantages, mask (and ref_logprobs): N,T.  Returns (loss, stats).
+    With old_logprobs = logprobs.detach(), ratio is 1, nothing is clipped, and the
+    gradient is the REINFORCE one, -sum A grad log pi / normaliser. Any per-token
+    log-probs work (one row per completion is N,T too), so this copies into other trainers.
     """
+    sizes = _expect("logprobs", logprobs, "N,T")
+    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
+                    ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            _expect(name, x, "N,T", sizes)
     mask = mask.to(logprobs.dtype)
     logratio = logprobs - old_logprobs
     ratio = logratio.exp()
@@ -1486,32 +1396,36 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         "clipfrac": (((ratio - 1).abs() > clip_eps).float() * mask).sum().item() / n.item(),
         # k3 estimator of KL(old || new), http://joschu.net/blog/kl-approx.html
         "approx_kl": (((ratio - 1) - logratio) * mask).sum().item() / n.item(),
+        "tokens": int(mask.sum().item()),
     }
     if ref_logprobs is not None and kl_coef > 0:  # off by default: no reference model is loaded
         d = ref_logprobs - logprobs
-        kl = d.exp() - d - 1
+        kl = d.exp() - d - 1                      # k3 estimate of KL(pi || ref), >= 0 per token
         loss = loss + kl_coef * (kl * mask).sum() / normaliser
         stats["ref_kl"] = (kl * mask).sum().item() / n.item()
     return loss, stats
 
 
 # ----------------------------------------------------------------------------
-# 9. Evaluation and diagnostics (SPEC 8)
+# 9. Evaluation and diagnostics
 # ----------------------------------------------------------------------------
 
 def anytime_accuracy(scores: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Accuracy at each budget, S; its mean over budgets is the anytime score.  scores: B,G,S,A"""
+    """Accuracy at each budget; its mean over budgets is the anytime score.  scores: B,G,S,A  ->  S"""
     return pooled_scores(scores.float(), prompt_index).mean((0, 1))
 
 
-def evaluate(model, tokenizer, prompts: list[str], truths: list[str], budgets: list[int],
+def evaluate(model, tokenizer, prompts: list[str], truths: list[str], budgets,
              temperature: float = 0.6, summary_max_tokens: int = 64, think_batch_size: int = 64,
              summary_batch_size: int = 256, progress=None) -> dict:
-    """Anytime accuracy of one trace and one summary per prompt at every budget of a grid."""
+    """Anytime accuracy of one trace and one summary per prompt at every budget of a grid:
+    {"budgets", "accuracy" (one per budget), "anytime_score" (their mean), "mean_think_len"}."""
+    if len(prompts) != len(truths):
+        raise ValueError(f"one truth per prompt: got {len(prompts)} prompts and {len(truths)} truths")
     ro = rollout(model, tokenizer, prompts, budgets, 1, 1, temperature, summary_max_tokens,
                  think_batch_size, summary_batch_size, progress=progress)
     acc = anytime_accuracy(score_rollout(ro, truths), ro.prompt_index)
-    return {"budgets": list(budgets), "accuracy": [round(x, 4) for x in acc.tolist()],
+    return {"budgets": list(ro.budgets), "accuracy": [round(x, 4) for x in acc.tolist()],
             "anytime_score": round(acc.mean().item(), 4),
             "mean_think_len": round(ro.think_len.float().mean().item(), 1)}
 
@@ -1523,18 +1437,23 @@ def _masked_var(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 
 def variance_diagnostics(scores: torch.Tensor, prior: torch.Tensor, think_len: torch.Tensor,
-                         budgets: list[int]) -> dict[str, torch.Tensor]:
+                         budgets) -> dict[str, torch.Tensor]:
     """Var[R - V] / Var[R] and corr(V, R) per budget, for V = V1, V2, BRPO (each S).
 
-    scores: B,G,S;  think_len: B,G.  Only traces that reach segment s (longer
-    than b_{s-1}) count at budget s. NaN where a budget has < 2 such traces or Var[R] = 0.
+    scores: B,G,S (r);  prior: S;  think_len: B,G;  budgets: S.  Only traces that reach
+    segment s (longer than b_{s-1}) count at budget s. NaN where a budget has < 2 such
+    traces or Var[R] = 0. The paper's variance figure: a lower ratio is a better baseline.
     """
+    sizes = _expect("scores", scores, "B,G,S")
+    _expect("prior", prior, "S", sizes)
+    _expect("think_len", think_len, "B,G", sizes)
+    budgets = check_budgets(budgets)
+    if len(budgets) != sizes["S"]:
+        raise ValueError(f"budgets has {len(budgets)} entries where scores has S = {sizes['S']}")
     S = scores.shape[-1]
     R = returns_to_go(scores, prior)
-    v1, v2 = v1_baseline(scores, prior), v2_baseline(R)
-    s = torch.arange(S, dtype=scores.dtype)
-    values = {"v1": v1, "v2": v2, "brpo": (s * v1 + (S - s) * v2) / S}
-    starts = torch.tensor([0] + list(budgets[:-1]))
+    values = {"v1": v1_baseline(scores, prior), "v2": v2_baseline(R), "brpo": brpo_baseline(scores, prior)}
+    starts = torch.tensor([0] + budgets[:-1])
     m = (think_len[..., None] > starts).reshape(-1, S).to(scores.dtype)  # N,S: trace reaches segment s
     m = torch.where(m.sum(0) >= 2, m, torch.full_like(m, float("nan")))
     Rf = R.reshape(-1, S)
@@ -1549,7 +1468,7 @@ def variance_diagnostics(scores: torch.Tensor, prior: torch.Tensor, think_len: t
 
 
 # ----------------------------------------------------------------------------
-# 10. The paper's runs (SPEC 7)
+# 10. The paper's runs
 # ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -1561,6 +1480,10 @@ class Preset:
     thinking_method: str  # "brpo", "grpo", "v1" or "none"
 
 
+# The paper's runs. Its final-answer baseline, then AnytimeReasoner with three priors, then
+# its ablation: one ingredient at a time added to GRPO (linear prior; decoupled summaries
+# with A = 4; "vr", the BRPO variance-reduced baseline). The authors: 64 questions x 8
+# traces per step, lr 1e-6, temperature 1.0, evaluation at temperature 0.6.
 PRESETS = {
     "grpo":             Preset(1, "grpo", 1, "base",    "grpo"),
     "ar-uniform":       Preset(4, "brpo", 4, "uniform", "brpo"),
@@ -1573,10 +1496,302 @@ PRESETS = {
 }
 
 
-def rollout_advantages(ro: Rollout, scores: torch.Tensor, prior: torch.Tensor,
-                       thinking_method: str, summary_method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Glue: SPEC 4 and 5 on a scored rollout.  scores: B,G,S,A  ->  (N,S, N,S,A)"""
-    r = pooled_scores(scores, ro.prompt_index)                          # B,G,S
-    think_adv = thinking_advantages(r, prior, thinking_method)
-    summ_adv = summary_advantages(scores, summary_method, ro.prompt_index)
-    return think_adv.flatten(0, 1), summ_adv.flatten(0, 1)
+# ----------------------------------------------------------------------------
+# Appendix A. Tensor shape checks (used by sections 5-9)
+# ----------------------------------------------------------------------------
+
+_LETTERS = {"B": "questions", "G": "traces per question", "S": "budgets", "A": "summaries per (trace, budget)",
+            "N": "traces", "T": "tokens"}
+
+
+def _expect(name: str, x, dims: str, sizes: dict | None = None) -> dict:
+    """Check that x is a tensor with one dimension per letter of dims ("B,G,S") and that each
+    letter has the size it had in the arguments checked before (sizes). Returns sizes, updated.
+    A wrong shape is a ValueError that names the expected one, never a quiet broadcast."""
+    letters, sizes = dims.split(","), {} if sizes is None else sizes
+    want = f"[{', '.join(letters)}] ({', '.join(_LETTERS.get(d, d) for d in letters)})"
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of shape {want}, got {type(x).__name__}")
+    if x.dim() != len(letters):
+        hint = "; for a single question use x[None]" if letters[0] == "B" and x.dim() == len(letters) - 1 else ""
+        raise ValueError(f"{name} must have shape {want}, got {x.dim()}-D shape {tuple(x.shape)}{hint}")
+    for d, n in zip(letters, x.shape):
+        if sizes.setdefault(d, n) != n:
+            raise ValueError(f"{name} has {d} = {n} ({_LETTERS.get(d, d)}) where the other arguments "
+                             f"have {d} = {sizes[d]}; expected shape {want}")
+    return sizes
+
+
+# ----------------------------------------------------------------------------
+# Appendix B. The sampling engine: generate(), its stopping rules, KV-cache reuse
+# ----------------------------------------------------------------------------
+#
+# rollout() calls generate() twice: once for the thinking (keeping its KV cache), once for the
+# summaries (starting from that cache). Everything here is about doing that fast and exactly;
+# none of it changes what is sampled. Skip it on a first read.
+
+def _first_stop(tokens: list[int], eos: set[int], think_end: list[int],
+                tokenizer=None) -> tuple[int, str]:
+    """Length up to and including the first stop, and why it stopped ('think', 'eos', 'max').
+
+    `</think>` is matched on ids; when it is several ordinary tokens and a tokenizer is
+    given, also on text, since a sampled trace may spell it with other merges (">\n\n").
+    """
+    k = len(think_end)
+    pieces = tokenizer.convert_ids_to_tokens(tokens) if tokenizer is not None and k > 1 else None
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return i + 1, "eos"
+        if k and t == think_end[-1] and i + 1 >= k and tokens[i + 1 - k:i + 1] == think_end:
+            return i + 1, "think"
+        if pieces and ">" in (pieces[i] or "") and \
+                THINK_END in tokenizer.decode(tokens[max(0, i - k - 2):i + 1]):
+            return i + 1, "think"
+    return len(tokens), "max"
+
+
+class _ThinkEndStop:
+    """Stops a row once its new tokens spell a multi-token `</think>` (a StoppingCriteria)."""
+    def __init__(self, tokenizer, think_end: list[int], prompt_len: int):
+        self.tokenizer, self.k, self.prompt_len = tokenizer, len(think_end), prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        # `</think>` can only end on a token that holds a ">": decode just those rows' tails.
+        start = max(self.prompt_len, input_ids.shape[1] - self.k - 2)
+        newest = self.tokenizer.convert_ids_to_tokens(input_ids[:, -1].tolist())
+        done = [">" in (piece or "") and THINK_END in self.tokenizer.decode(input_ids[r, start:])
+                for r, piece in enumerate(newest)]
+        return torch.tensor(done, device=input_ids.device)
+
+
+class _BoxedStop:
+    """Stops a summary row as soon as a `\\boxed{...}` in it is closed, and remembers
+    where (`stop_len`), so the padding generate() appends afterwards is never kept."""
+    def __init__(self, tokenizer, prompt_len: int, rows: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+        self.stop_len = [None] * rows
+
+    def __call__(self, input_ids, scores, **kwargs):
+        # A box can only close on a token that holds a "}": decode just those rows, not all.
+        newest = self.tokenizer.convert_ids_to_tokens(input_ids[:, -1].tolist())
+        for r, piece in enumerate(newest):
+            if self.stop_len[r] is None and "}" in (piece or "") and \
+                    _boxed_closed(self.tokenizer.decode(input_ids[r, self.prompt_len:])):
+                self.stop_len[r] = input_ids.shape[1] - self.prompt_len
+        return torch.tensor([n is not None for n in self.stop_len], device=input_ids.device)
+
+
+def _boxed_closed(text: str) -> bool:
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return False
+    depth = 0
+    for ch in text[i + 6:]:
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            return True
+    return False
+
+
+@dataclass
+class KVCache:
+    """Keys and values that generate() computed, kept to be reused.
+
+    layers[l] = (keys, values), each (rows, heads, width, head_dim). Token t of sequence i
+    (its prompt, then its new tokens) sits in row[i], column start[i] + t, for t < length[i]
+    (a batch's last sampled token is never fed to the model, so it has no keys yet).
+    """
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    row: torch.Tensor      # N
+    start: torch.Tensor    # N
+    length: torch.Tensor   # N
+
+
+@functools.lru_cache(maxsize=None)
+def _hf() -> SimpleNamespace:
+    """transformers and what generate() takes from it, imported on first use: the rest of this
+    file (advantages, loss, checker) runs with torch and sympy alone."""
+    try:
+        import transformers
+        from transformers import DynamicCache, GenerationConfig
+        from transformers.cache_utils import DynamicLayer
+    except ImportError as e:
+        raise ImportError(f"generation needs transformers 5 (pip install 'transformers>=5,<6'): {e}") from None
+
+    class _Buffered(DynamicLayer):
+        """A DynamicLayer that writes each step's keys and values into a buffer with room for
+        `capacity` positions, where DynamicLayer concatenates, copying the whole cache at every
+        step. The same keys and values, with spare room after them (bench.py, CPU: rollout 1.3-1.5x)."""
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.buffers = capacity, None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, q = self.get_seq_length(), key_states.shape[-2]
+            if self.buffers is None or self.keys.data_ptr() != self.buffers[0].data_ptr() \
+                    or self.keys.shape[0] != key_states.shape[0] or n + q > self.buffers[0].shape[-2]:
+                # first call, or keys replaced (batch_select_indices) or outgrown: a new buffer
+                B, H, _, D = key_states.shape
+                self.buffers = [x.new_empty(B, H, max(self.capacity, n + q), D) for x in (key_states, value_states)]
+                if n:
+                    self.buffers[0][..., :n, :], self.buffers[1][..., :n, :] = self.keys, self.values
+                self.is_initialized, self.device = True, key_states.device
+            self.buffers[0][..., n:n + q, :], self.buffers[1][..., n:n + q, :] = key_states, value_states
+            self.keys, self.values = (b[..., :n + q, :] for b in self.buffers)
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor):
+            """Copy the chosen rows with their spare room: one copy, and the next update is in place."""
+            if self.buffers is None or self.keys.data_ptr() != self.buffers[0].data_ptr():
+                return super().batch_select_indices(indices)
+            n = self.get_seq_length()
+            self.buffers = [b[indices] for b in self.buffers]
+            self.keys, self.values = (b[..., :n, :] for b in self.buffers)
+
+    # transformers 5.24 renamed the `past_key_values` argument (and output) of generate() and the
+    # models to `cache`; the old name warns on every call.
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
+    return SimpleNamespace(DynamicCache=DynamicCache, DynamicLayer=DynamicLayer, Buffered=_Buffered,
+                           GenerationConfig=GenerationConfig,
+                           cache_key="cache" if version >= (5, 24) else "past_key_values")
+
+
+def _new_cache(model, capacity: int, layers=()):
+    """An empty model cache (or one holding `layers`' keys and values) with _Buffered layers."""
+    hf = _hf()
+    cache = hf.DynamicCache(config=model.config)
+    cache.layers = [hf.Buffered(capacity) if type(x) is hf.DynamicLayer else x for x in cache.layers]
+    for layer, (k, v) in zip(cache.layers, layers):
+        layer.update(k, v)
+    return cache
+
+
+@torch.inference_mode()  # lighter than no_grad (about 10 % on a CPU); nothing here is trained on
+def generate(model, tokenizer, seqs: list[list[int]], max_new_tokens: int, temperature: float,
+             batch_size: int, think_end: list[int] | None = None, stop_at_box: bool = False,
+             progress=None, prefix: tuple[KVCache, list[int], list[int]] | None = None,
+             keep_cache: bool = False):
+    """Sample a continuation of every sequence with HF `generate`, `batch_size` rows at a time.
+
+    Rows are sorted by length (less padding), left-padded, and stop at EOS, at
+    `think_end` if given, or after `max_new_tokens`. Returns the new tokens of
+    each row, cut after its first stop token, in the input order; with
+    `keep_cache`, returns (tokens, why, kv): also each row's stop reason
+    ('think', 'eos', 'max', as _first_stop) and the KVCache of every row.
+
+    Work is shared, exactly (same tokens at the same positions):
+    - identical sequences (the G traces of a question, the k*A summaries of a
+      summary prompt) are encoded once per batch; their cache is copied to each row;
+    - with prefix = (kv, owner, shared), the first shared[i] tokens of seqs[i]
+      are the first tokens of sequence owner[i] of `kv`: their keys and values
+      are taken from there (see _cache_from).
+    """
+    hf = _hf()  # transformers, imported here on first use
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = stop_ids(tokenizer)
+    eos_set, eos_for_gen = set(eos), eos + (think_end if think_end and len(think_end) == 1 else [])
+    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), seqs[i]))  # copies side by side
+    out: list[list[int]] = [[] for _ in seqs]
+    why: list[str] = [""] * len(seqs)
+    kept, where = [], [None] * len(seqs)  # keep_cache: each batch's keys/values; (row, start, length)
+    device = next(model.parameters()).device
+    # Plain sampling from softmax(logits / T), as the loss assumes: a fresh config, so a
+    # checkpoint's own defaults (Qwen2.5: top_k 20, top_p 0.8, repetition_penalty 1.05) are off.
+    config = hf.GenerationConfig(
+        do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+        top_k=0 if temperature > 0 else None, top_p=1.0 if temperature > 0 else None,
+        repetition_penalty=1.0, max_new_tokens=max_new_tokens, eos_token_id=eos_for_gen,
+        pad_token_id=pad, return_dict_in_generate=keep_cache)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        distinct: dict[tuple, int] = {}  # sequence -> its row in ids
+        copy_of = [distinct.setdefault(tuple(seqs[i]), len(distinct)) for i in rows]
+        width = max(map(len, distinct))
+        ids = torch.full((len(distinct), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(distinct), width), dtype=torch.long)
+        for r, seq in enumerate(distinct):  # left padding: generation continues at the right edge
+            ids[r, width - len(seq):] = torch.tensor(seq)
+            mask[r, width - len(seq):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        layers, done = (), 0  # the keys and values of ids[:, :done]
+        if prefix is not None:
+            kv, owner, shared = prefix
+            src = [rows[copy_of.index(r)] for r in range(len(distinct))]  # row of ids -> index in seqs
+            layers, done = _cache_from(kv, [owner[i] for i in src], [shared[i] for i in src],
+                                       [len(seqs[i]) for i in src], width)
+        cache = _new_cache(model, width + max_new_tokens, layers)
+        copy_of = torch.tensor(copy_of, device=device)
+        if len(distinct) < len(rows):  # encode all but the last token once, then copy the cache
+            if done < width - 1:
+                cache = _prefill(model, ids[:, done:-1], mask[:, :-1], cache)
+            cache.batch_select_indices(copy_of)
+        ids, mask = ids[copy_of], mask[copy_of]
+        criteria = []
+        if think_end and len(think_end) > 1:
+            criteria.append(_ThinkEndStop(tokenizer, think_end, width))
+        box = _BoxedStop(tokenizer, width, len(rows)) if stop_at_box else None
+        if box:
+            criteria.append(box)
+        gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             stopping_criteria=criteria or None, **{hf.cache_key: cache})
+        if keep_cache:  # token t of seqs[i] is in row start + r, column width - len(seqs[i]) + t
+            gen, cache = gen.sequences, gen[hf.cache_key]
+            kept.append([(layer.keys, layer.values) for layer in cache.layers])
+            for r, i in enumerate(rows):
+                where[i] = (start + r, width - len(seqs[i]), cache.get_seq_length() - width + len(seqs[i]))
+        for r, (i, new) in enumerate(zip(rows, gen[:, width:].tolist())):
+            n, why[i] = _first_stop(new, eos_set, think_end or [], tokenizer)
+            if box and box.stop_len[r] is not None:
+                n = min(n, box.stop_len[r])
+            out[i] = new[:n]
+        if progress is not None:
+            progress(len(rows))
+    if not keep_cache:
+        return out
+    if len(kept) > 1:  # one tensor per layer: the batches' caches, right-padded to one width, stacked
+        T = max(k.shape[2] for k, _ in (batch[0] for batch in kept))
+        stack = lambda xs: torch.cat([torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[2])) for x in xs])
+        kept = [[(stack([b[l][0] for b in kept]), stack([b[l][1] for b in kept])) for l in range(len(kept[0]))]]
+    row, start, length = torch.tensor(where, device=device).T
+    return out, why, KVCache(kept[0], row, start, length)
+
+
+def _cache_from(kv: KVCache, owner: list[int], shared: list[int], lengths: list[int],
+                width: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """A cache for the first C columns of R rows left-padded to `width`, copied from `kv`.
+
+    Row j holds lengths[j] tokens; its first shared[j] tokens are the first tokens of
+    sequence owner[j] of kv. Each row still encodes its own tail, the U = max(lengths - reused)
+    last columns, and C = width - U:
+
+        kv, row of owner[j]:      [pads|prompt  thinking ...........]
+                                       ^ start
+        row j of the new batch:   [pads ...|prompt  thinking[:cut]|insert]
+                                  |<---- C: copied ---->|<--- U: encoded -->|
+
+    Exact: a copied column holds the same token at the same position (positions count the
+    unmasked tokens before it, as generate() computes them from the attention mask), so its
+    keys and values are those a fresh forward pass would compute (up to float rounding).
+    The tail may re-encode a few tokens that kv holds: harmless, same tokens, same positions.
+    Returns (keys and values per layer, C).
+    """
+    device = kv.row.device
+    own, L = torch.tensor(owner, device=device), torch.tensor(lengths, device=device)   # R, R
+    reused = torch.minimum(torch.tensor(shared, device=device), kv.length[own])        # R
+    U = max(1, int((L - reused).max()))
+    C = width - U
+    # Column x of row j holds token x - (width - L[j]), found at column start + that in kv.
+    # Columns left of the row's first token are padding, masked: any finite values do there.
+    cols = (kv.start[own] - (width - L))[:, None] + torch.arange(C, device=device)    # R,C
+    gather = lambda x: x[kv.row[own][:, None], :, cols.clamp(min=0)].transpose(1, 2)  # R,heads,C,dim
+    return [(gather(k), gather(v)) for k, v in kv.layers], C
+
+
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor, cache):
+    """Keys and values of left-padded ids (R,U) appended to `cache` (which holds the first
+    columns of mask (R,C+U)), with the position ids `generate` gives them."""
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -ids.shape[1]:]
+    base = getattr(model, model.base_model_prefix)  # no output layer: no R x U x V logits
+    return base(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                **{_hf().cache_key: cache})[_hf().cache_key]

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -491,6 +492,300 @@ def test_loss_kl_to_reference():
     assert stats["ref_kl"] == pytest.approx(k3 / 2, rel=1e-5)
     loss.backward()   # d/d lp of (e^d - d - 1) = 1 - e^d < 0 for d > 0: the loss pulls pi up towards ref
     assert torch.allclose(lp.grad, 0.1 * (1 - torch.tensor([[0.5, 0.2]]).exp()) / 2.0)
+
+
+def _plain_logprobs(model, seq, temperature):
+    """log softmax(logits / T) of seq[1:] from one plain causal forward of seq (no packing, no mask)."""
+    logits = model(torch.tensor([seq])).logits[0].float() / temperature
+    return torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(seq[1:])[:, None])[:, 0]
+
+
+def oracle_tokens(model, tok, ro, traces, temperature=1.0):
+    """Every trained token of the given (b, g) traces, written out without packing: one plain
+    forward over prompt + thinking, and one per summary over its own context (prompt +
+    thinking[:cut] + its insert + the summary). -> [(n, key, log pi)] with key ("think", s) for a
+    thinking token in segment s (b_{s-1} <= t < b_s, t counted from 0), ("summary", s, a)."""
+    inserts = {True: ar.encode(tok, ar.TRUNCATED_INSERT), False: ar.encode(tok, ar.CLOSED_INSERT)}
+    out = []
+    for n, (b, g) in enumerate(traces):
+        prompt, think = ro.prompt_ids[b], ro.think_ids[b][g]
+        for t, x in enumerate(_plain_logprobs(model, prompt + think, temperature)[len(prompt) - 1:]):
+            out.append((n, ("think", sum(t >= budget for budget in ro.budgets)), x))
+        for s in range(len(ro.budgets)):
+            context = prompt + think[:int(ro.cuts[b, g, s])] + inserts[bool(ro.truncated[b, g, s])]
+            for a, summary in enumerate(ro.summary_ids[b][g][s]):
+                for x in _plain_logprobs(model, context + summary, temperature)[-len(summary):]:
+                    out.append((n, ("summary", s, a), x))
+    return out
+
+
+def oracle_ppo_loss(tokens, old, thinking_adv, summary_adv, normaliser, clip_eps=0.2):
+    """PPO-clip written from the rule, token by token: sum of max(-A r, -A clip(r)) / normaliser."""
+    total = 0.0
+    for (n, key, lp), old_lp in zip(tokens, old):
+        adv = thinking_adv[n, key[1]] if key[0] == "think" else summary_adv[n, key[1], key[2]]
+        ratio = torch.exp(lp - old_lp)
+        total = total + torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+    return total / normaliser
+
+
+def test_anytime_loss_matches_an_unpacked_oracle(tiny):
+    """The whole loss (decoupled advantages, packed log-probs at temperature 0.7, PPO-clip with
+    ratios off 1 so that some clip, the constant normaliser), value and gradient, against the
+    oracle above: plain forwards, advantages looked up by the rule, the sum written out."""
+    tok, model, ro = tiny
+    N, S, A = 6, 3, 2
+    traces = [(b, g) for b in range(2) for g in range(3)]
+    torch.manual_seed(5)
+    thinking_adv, summary_adv = torch.randn(N, S), torch.randn(N, S, A)     # every value distinct
+    shift = lambda n, i: 0.3 * math.sin(1 + 7 * n + 3 * i)                  # old = new - shift: ratio e^shift
+    packed = ar.pack_rollout(ro, tok, traces)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        lp = ar.packed_logprobs(model, packed, temperature=0.7)
+    old = lp - torch.tensor([[shift(n, i) if i >= 0 else 0.0 for i in row] for n, row in
+                             enumerate(packed.adv_index.tolist())])
+    loss, stats = ar.anytime_loss(model, packed, thinking_adv, summary_adv, normaliser=50.0,
+                                  old_logprobs=old, temperature=0.7, chunk_size=5)
+    grads = torch.autograd.grad(loss, params)
+
+    tokens = oracle_tokens(model, tok, ro, traces, temperature=0.7)
+    index = lambda key: key[1] if key[0] == "think" else S + key[1] * A + key[2]
+    expect = oracle_ppo_loss(tokens, [x.detach() - shift(n, index(k)) for n, k, x in tokens],
+                             thinking_adv, summary_adv, 50.0)
+    assert stats["tokens"] == len(tokens) and 0.2 < stats["clipfrac"] < 0.8
+    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(expect, params)):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_two_updates_follow_the_ppo_schedule(monkeypatch):
+    """rl_step with 2 updates, 6 traces, micro-batches of 2, T = 0.7, plain SGD: the parameters
+    after each optimiser step equal a step computed by hand from the unpacked oracle. Update 1:
+    traces 0-2, on-policy, divided by 3 traces x largest budget. Update 2: traces 3-5 only (the
+    gradients were zeroed), the ratio against the log-probs from before update 1."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=6)
+    args = _step_args("ar-uniform", updates_per_rollout=2, temperature=0.7, micro_batch=2, traces=3)
+    rollouts, scored = Recorder(ar.rollout), Recorder(lambda ro, truths: torch.rand(2, 3, 4, 4).round())
+    monkeypatch.setattr(ar, "rollout", rollouts)
+    monkeypatch.setattr(ar, "score_rollout", scored)
+    start = copy.deepcopy(model)
+    lr, after = 0.5, []
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    sgd_step = opt.step
+    monkeypatch.setattr(opt, "step", lambda: (sgd_step(), after.append(copy.deepcopy(model))))
+    torch.manual_seed(0)
+    prior = ar.budget_prior(args.prior, args.budgets)
+    ts.rl_step(model, tok, opt, ["ab\n<think>\n", "cd\n<think>\n"], ["1", "2"], args, prior,
+               torch.device("cpu"))
+    assert len(after) == 2
+    ro, scores = rollouts.calls[0][2], scored.calls[0][2]
+    traces = [(b, g) for b in range(2) for g in range(3)]
+    think_adv, summ_adv = ar.rollout_advantages(ro, scores, prior, "brpo", "brpo")
+
+    def by_hand(net, old_net, update):
+        mb = traces[3 * update:3 * update + 3]
+        rows = torch.tensor([b * 3 + g for b, g in mb])
+        tokens = oracle_tokens(net, tok, ro, mb, 0.7)
+        with torch.no_grad():
+            old = [x for _, _, x in oracle_tokens(old_net, tok, ro, mb, 0.7)]
+        loss = oracle_ppo_loss(tokens, old, think_adv[rows], summ_adv[rows], 3 * args.budgets[-1])
+        grads = torch.autograd.grad(loss, list(net.parameters()))
+        scale = min(1.0, 1.0 / (torch.stack([g.norm() for g in grads]).norm().item() + 1e-6))  # clip 1.0
+        return [p.detach() - lr * scale * g for p, g in zip(net.parameters(), grads)]
+
+    first = by_hand(copy.deepcopy(start), start, 0)
+    for want, got in zip(first, after[0].parameters()):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    second = by_hand(copy.deepcopy(after[0]), start, 1)
+    moved = max((a - b).abs().max().item() for a, b in zip(after[0].parameters(), start.parameters()))
+    assert moved > 1e-3                                   # update 2 really sees a moved policy
+    for want, got in zip(second, after[1].parameters()):
+        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# anytime_reasoner.py as a library: checked shapes, no transformers, pieces that copy alone
+# ----------------------------------------------------------------------------
+
+def _shape_cases():
+    """(name, call, words the error must contain): each call passes one tensor of the wrong shape."""
+    p4, r = ar.budget_prior("uniform", [1, 2, 3, 4]), torch.rand(2, 3, 4)
+    scores4, index = torch.rand(2, 3, 4, 2).round(), torch.zeros(2, 3, 4, dtype=torch.long)
+    packed = ar.Packed(*[torch.zeros(6, 9, dtype=torch.long)] * 4, torch.full((6, 9), -1), 4, 2)
+    lp = torch.zeros(6, 9)
+    one = "[B, G, S] (questions, traces per question, budgets)"
+    return [
+        ("thinking_advantages [G,S]", lambda: ar.thinking_advantages(r[0], p4), one + ", got 2-D shape (3, 4); for a single question use x[None]"),
+        ("thinking_advantages prior", lambda: ar.thinking_advantages(r, p4[:3]), "prior has S = 3"),
+        ("returns_to_go", lambda: ar.returns_to_go(r[0], p4), one),
+        ("v1_baseline", lambda: ar.v1_baseline(r[0], p4), one),
+        ("v2_baseline", lambda: ar.v2_baseline(r[0]), "returns must have shape [B, G, S]"),
+        ("brpo_baseline", lambda: ar.brpo_baseline(r, p4[None]), "prior must have shape [S] (budgets)"),
+        ("summary_advantages", lambda: ar.summary_advantages(scores4[0]), "[B, G, S, A]"),
+        ("summary_advantages index", lambda: ar.summary_advantages(scores4, "brpo", index[0]), "prompt_index must have shape [B, G, S]"),
+        ("pooled_scores", lambda: ar.pooled_scores(r), "scores must have shape [B, G, S, A]"),
+        ("pooled_scores index", lambda: ar.pooled_scores(scores4, index[:1]), "prompt_index has B = 1"),
+        ("anytime_accuracy", lambda: ar.anytime_accuracy(scores4[0]), "[B, G, S, A]"),
+        ("token_advantages N", lambda: ar.token_advantages(packed, torch.zeros(5, 4), torch.zeros(6, 4, 2)), "thinking_adv has N = 5"),
+        ("token_advantages A", lambda: ar.token_advantages(packed, torch.zeros(6, 4), torch.zeros(6, 4, 3)), "the packed rows have A = 2"),
+        ("token_advantages rank", lambda: ar.token_advantages(packed, torch.zeros(6, 4), torch.zeros(6, 8)), "summary_adv must have shape [N, S, A]"),
+        ("policy_loss rank", lambda: ar.policy_loss(lp[0], lp[0], lp[0], lp[0] > 0, 1.0), "logprobs must have shape [N, T]"),
+        ("policy_loss T", lambda: ar.policy_loss(lp, lp, lp[:, :8], lp > 0, 1.0), "advantages has T = 8"),
+        ("packed_attention_mask", lambda: ar.packed_attention_mask(lp[0].long(), lp[0].long()), "prefix_len must have shape [N, T]"),
+        ("variance_diagnostics", lambda: ar.variance_diagnostics(r, p4, torch.ones(2, 2), [1, 2, 3, 4]), "think_len has G = 2"),
+        ("variance_diagnostics budgets", lambda: ar.variance_diagnostics(r, p4, torch.ones(2, 3), [1, 2, 3]), "budgets has 3 entries"),
+        ("budget_prior 2-D", lambda: ar.budget_prior("uniform", torch.tensor([[1, 2]])), "budgets must be 1-D"),
+        ("budget_prior floats", lambda: ar.budget_prior("uniform", torch.tensor([1.0, 2.0])), "positive integers"),
+    ]
+
+
+@pytest.mark.parametrize("name", [c[0] for c in _shape_cases()])
+def test_a_wrong_shape_is_a_clear_error(name):
+    """A tensor of the wrong rank or size is a ValueError naming the expected shape, never a result:
+    e.g. one question's scores [G, S] (without the B dimension) would make V2 average over budgets."""
+    _, call, words = next(c for c in _shape_cases() if c[0] == name)
+    with pytest.raises(ValueError) as e:
+        call()
+    assert words in str(e.value), str(e.value)
+
+
+def test_budgets_as_tensors_arrays_or_lists():
+    import numpy as np
+    want = torch.tensor([1 / 3, 2 / 3])
+    for budgets in ([128, 256], (128, 256), torch.tensor([128, 256]), np.array([128, 256]),
+                    [np.int64(128), np.int64(256)]):
+        assert torch.allclose(ar.budget_prior("linear", budgets), want)
+        assert ar.check_budgets(budgets) == [128, 256] and type(ar.check_budgets(budgets)[0]) is int
+
+
+def test_pure_parts_run_without_transformers():
+    """Importing the module, the prior, the advantages, the loss and the checker need torch and
+    sympy only; generation says what it needs in one line."""
+    code = r"""
+import sys
+sys.modules["transformers"] = None          # any import of transformers now fails
+import torch, anytime_reasoner as ar
+p = ar.budget_prior("linear", [1, 2, 3, 4])
+r = torch.tensor([[[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]]])
+print(round(ar.thinking_advantages(r, p)[0, 0, 3].item(), 6))
+print(ar.summary_advantages(torch.ones(1, 2, 4, 2)).abs().sum().item())
+lp = torch.zeros(1, 3, requires_grad=True)
+print(ar.policy_loss(lp, lp.detach(), torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool), 3.0)[0].item())
+print(ar.answers_match(ar.extract_answer("**Final Answer**\n\\boxed{\\frac{1}{2}}"), "0.5"))
+try:
+    ar.generate(None, None, [[1]], 1, 1.0, 1)
+except ImportError as e:
+    print("ImportError:", e)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    # trace 0 at s=3: R = .4; prev = (1 + 4) / 7, V1 = 5/7 * .4, V2 = .4: baseline (3 V1 + V2) / 4
+    assert float(lines[0]) == pytest.approx(0.4 - (3 * 0.4 * 5 / 7 + 0.4) / 4, abs=1e-6)
+    assert lines[1:4] == ["0.0", "-1.0", "True"]
+    assert lines[4].startswith("ImportError: generation needs transformers")
+
+
+def file_sections() -> dict[str, tuple[int, int]]:
+    """{"imports" | "section 3" | "appendix A": (first line, last line)} of anytime_reasoner.py, 1-based:
+    a section runs from its '# ---' rule to the last non-blank line before the next rule."""
+    lines = Path(HERE, "anytime_reasoner.py").read_text().splitlines()
+    rules = [i for i, x in enumerate(lines) if x.startswith("# ---") and i + 2 < len(lines)
+             and lines[i + 2].startswith("# ---")]
+    starts = [lines.index("from __future__ import annotations")] + rules
+    out = {}
+    for k, start in enumerate(starts):
+        end = (starts[k + 1] if k + 1 < len(starts) else len(lines)) - 1
+        while not lines[end].strip():
+            end -= 1
+        words = lines[start + 1][2:].split()           # "3. Budgets and ..." or "Appendix A. ..."
+        name = "imports" if k == 0 else f"section {words[0].rstrip('.')}" if words[0][0].isdigit() \
+            else f"appendix {words[1].rstrip('.')}"
+        out[name] = (start + 1, end + 1)
+    return out
+
+
+def readme_pieces() -> list[dict]:
+    """The rows of the README's "Copy one piece" table: names, line ranges, what they need."""
+    text = Path(HERE, "README.md").read_text().split("## Copy one piece")[1].split("\n## ")[0]
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.search(r"\d+–\d+", cells[1]):
+            ranges = [(int(a), int(b), where) for a, b, where in
+                      re.findall(r"(\d+)–(\d+) \(([^)]*)\)", cells[1] + " " + cells[2])]
+            rows.append({"piece": cells[0], "names": re.findall(r"`(\w+)`", cells[0]), "ranges": ranges})
+    return rows
+
+
+PIECE_CHECK = r"""
+import json, math, sys
+sys.modules["transformers"] = None                       # a piece must not need it
+import torch, anytime_reasoner as ar
+pieces, src = json.loads(sys.argv[1]), open("anytime_reasoner.py").read().splitlines()
+torch.manual_seed(0)
+r, p = torch.rand(2, 3, 4).round(), ar.budget_prior("linear", [1, 2, 3, 4])
+scores, index = torch.rand(2, 3, 4, 2).round(), torch.tensor([[0, 1, 1, 1], [0, 1, 2, 3], [0, 1, 2, 2]]).expand(2, 3, 4)
+lp, adv = torch.randn(3, 5), torch.randn(3, 5)
+calls = {   # name -> arguments, run on the copied piece and on the module
+    "budget_prior": [("linear", [100, 300, 600]), ("base", [1, 2])], "check_budgets": [([3, 5],)],
+    "evenly_spaced_budgets": [(8000, 4)],
+    "extract_answer": [("**Final Answer**\nso \\boxed{\\frac{3}{4}}",), ("\\boxed{1} and \\boxed{2}",)],
+    "answers_match": [("\\frac{3}{4}", "0.75"), ("1000001", "1000000"), ("x = 5", "5")],
+    "score_summary": [("The answer is \\boxed{18}.", "18"), ("</think> \\boxed{18}", "18")],
+    "thinking_advantages": [(r, p, m) for m in ("brpo", "grpo", "v1", "none")],
+    "summary_advantages": [(scores, m, index) for m in ("brpo", "grpo")] + [(scores[..., :1], "brpo")],
+    "pooled_scores": [(scores, index)], "returns_to_go": [(r, p)], "v1_baseline": [(r, p)],
+    "v2_baseline": [(r,)], "brpo_baseline": [(r, p)],
+    "policy_loss": [(lp, lp - 0.3 * adv.sign(), adv, adv > -1, 7.0)],
+    "pack_trace": [([7, 7], [10, 11, 12, 13], [2, 4], [2, 4], [[50, 51], [52]], [[[60]], [[61, 62]]])],
+    "packed_attention_mask": [(torch.tensor([[1, 2, 3, 2, 2]]), torch.tensor([[1, 2, 3, 3, 3]]))],
+    "variance_diagnostics": [(r.double(), p.double(), torch.randint(1, 5, (2, 3)), [1, 2, 3, 4])],
+    "anytime_accuracy": [(scores, index)],
+}
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return a.shape == b.shape and torch.allclose(a, b, equal_nan=True)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return a == b
+report = []
+for piece in pieces:
+    ns = {}
+    code = "\n".join("\n".join(src[a - 1:b]) for a, b, _ in piece["ranges"])
+    exec(compile(code, piece["piece"], "exec"), ns)
+    for name in piece["names"]:
+        checked = [same(ns[name](*args), getattr(ar, name)(*args)) for args in calls.get(name, [])]
+        report.append([piece["piece"], name, len(checked), callable(ns.get(name)) and all(checked)])
+print(json.dumps(report))
+"""
+
+
+def test_each_listed_piece_runs_on_its_own():
+    """The README's "Copy one piece" table: each row's lines (its section, plus the imports and what
+    it says it needs) are executed alone, without transformers, and every function the row names
+    gives what the module gives. The line ranges must be the file's current sections."""
+    pieces, sections = readme_pieces(), file_sections()
+    assert len(pieces) >= 6
+    stale = [f"{a}–{b} ({where}): now {sections.get(where)}" for piece in pieces for a, b, where in piece["ranges"]
+             if sections.get(where) != (a, b)]
+    assert not stale, "README line ranges: " + "; ".join(stale)
+    for piece in pieces:
+        assert piece["ranges"][0][2] == "imports", piece["piece"]   # every row starts from the imports
+    r = subprocess.run([sys.executable, "-c", PIECE_CHECK, json.dumps(pieces)], capture_output=True,
+                       text=True, cwd=HERE, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    assert all(ok for _, _, _, ok in report), [x for x in report if not x[3]]
+    named = {name for piece in pieces for name in piece["names"]}
+    for must in ("budget_prior", "extract_answer", "answers_match", "thinking_advantages",
+                 "summary_advantages", "policy_loss", "anytime_loss"):
+        assert must in named, must
+    assert sum(n for _, _, n, _ in report) >= 25      # functions really called, not just defined
 
 
 # ----------------------------------------------------------------------------

@@ -643,10 +643,11 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     each gets one optimiser update (the authors: 512 traces, 256 per update). The old
     log-probs are computed once, before the first update, so from the second update on
     the ratio differs from 1 and the clip can act. With one update, old = current
-    detached: ratio 1 and no extra forward pass.
+    detached: ratio 1 and no extra forward pass. The loss itself is ar.anytime_loss.
     """
     B, G, S, A = len(prompts), args.traces, len(args.budgets), args.num_summaries
     t0 = time.time()
+    # 1. rollout: G traces per question, cut at every budget, A summaries after each cut
     model.eval()
     bar, update = progress_bar(B * G * (1 + S * A), "rollout")
     with autocast(device):
@@ -658,53 +659,46 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     t_gen = time.time() - t0
     gen_tokens = int(ro.think_len.sum()) + sum(len(x) for q in ro.summary_ids for t in q for s in t for x in s)
 
+    # 2. scores and both advantages; row n = b*G + g of thinking_adv / summary_adv is trace (b, g)
     t_score = time.time()
     scores = ar.score_rollout(ro, truths)                                       # B,G,S,A
-    think_adv, summ_adv = ar.rollout_advantages(ro, scores, prior, args.thinking_method,
-                                                args.summary_method)            # N,S  N,S,A
+    thinking_adv, summary_adv = ar.rollout_advantages(ro, scores, prior, args.thinking_method,
+                                                      args.summary_method)      # N,S  N,S,A
     t_update = time.time()
 
-    # Trace n = b*G + g is row n of think_adv / summ_adv. Mini-batches of traces, each
-    # cut into micro-batches of packed rows (lists of (b, g), packed on the CPU).
+    # 3. mini-batches of traces (one optimiser update each), cut into micro-batches of packed rows
     traces = [(b, g) for b in range(B) for g in range(G)]
     U = min(args.updates_per_rollout, len(traces))
     minibatches = [traces[u * len(traces) // U:(u + 1) * len(traces) // U] for u in range(U)]
-    micro = [[mb[i:i + args.micro_batch] for i in range(0, len(mb), args.micro_batch)] for mb in minibatches]
-    packed = {tuple(m): ar.pack_rollout(ro, tokenizer, m) for mb in micro for m in mb}
+    micro = [[tuple(mb[i:i + args.micro_batch]) for i in range(0, len(mb), args.micro_batch)] for mb in minibatches]
+    packed = {m: ar.pack_rollout(ro, tokenizer, list(m)) for mb in micro for m in mb}
+    rows = {m: torch.tensor([b * G + g for b, g in m]) for m in packed}
     mask_dtype = torch.bfloat16 if device.type == "cuda" else None  # match autocast's dtype
 
-    def logprobs_of(net, m):
-        with autocast(device):
-            return ar.packed_logprobs(net, packed[tuple(m)], args.chunk_size, mask_dtype, args.temperature)
-
+    # 4. old (and reference) log-probs, once per rollout, before any update
     old, ref = {}, {}
-    with torch.no_grad():  # once per rollout, before any update
-        for m in (m for mb in micro for m in mb):
-            if U > 1:
-                old[tuple(m)] = logprobs_of(model, m)
+    with torch.no_grad(), autocast(device):
+        for m in packed:
+            if U > 1:   # with one update the loss is on-policy: old = current, no extra forward
+                old[m] = ar.packed_logprobs(model, packed[m], args.chunk_size, mask_dtype, args.temperature)
             if ref_model is not None:  # only when --kl-coef > 0
-                ref[tuple(m)] = logprobs_of(ref_model, m)
+                ref[m] = ar.packed_logprobs(ref_model, packed[m], args.chunk_size, mask_dtype, args.temperature)
 
+    # 5. the updates
     model.train()
     stats, n_tokens, grad_norms = {"clipfrac": 0.0, "approx_kl": 0.0}, 0, []
     for mb_micro, mb in zip(micro, minibatches):
         optimizer.zero_grad(set_to_none=True)
-        # A constant normaliser (SPEC 6): traces x largest budget, so micro-batches add up exactly.
-        normaliser = len(mb) * args.budgets[-1]
+        normaliser = len(mb) * args.budgets[-1]   # a constant: traces in this update x largest budget
         for m in mb_micro:
-            p = packed[tuple(m)]
-            rows = torch.tensor([b * G + g for b, g in m])
-            adv = ar.token_advantages(p, think_adv[rows], summ_adv[rows]).to(device)
-            mask = (p.adv_index >= 0).to(device)
-            logprobs = logprobs_of(model, m)
-            old_logprobs = old[tuple(m)] if U > 1 else logprobs.detach()  # one update: on-policy
-            loss, st = ar.policy_loss(logprobs, old_logprobs, adv, mask, normaliser, args.clip_eps,
-                                      ref.get(tuple(m)), args.kl_coef)
+            with autocast(device):
+                loss, st = ar.anytime_loss(model, packed[m], thinking_adv[rows[m]], summary_adv[rows[m]],
+                                           normaliser, old.get(m), ref.get(m), args.clip_eps, args.kl_coef,
+                                           args.temperature, args.chunk_size, mask_dtype)
             loss.backward()
-            n = int(mask.sum())
             for k in stats:
-                stats[k] += st[k] * n
-            n_tokens += n
+                stats[k] += st[k] * st["tokens"]
+            n_tokens += st["tokens"]
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         optimizer.step()
     t_end = time.time()  # float(clip_grad_norm_) waited for the device
@@ -723,7 +717,7 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
             # PPO updates (packing, old/ref log-probs, forward, backward, optimiser)
             "s_think": round(ro.seconds["think"], 3), "s_summary": round(ro.seconds["summary"], 3),
             "s_score": round(t_update - t_score, 3), "s_update": round(t_end - t_update, 3),
-            # SPEC 8: Var[R - V] / Var[R] per budget for V = V1, V2, BRPO (NaN: too few traces)
+            # Var[R - V] / Var[R] per budget for V = V1, V2, BRPO (NaN: too few traces reach it)
             **{k: [round(x, 4) if x == x else None for x in v.tolist()]
                for k, v in var.items() if k.startswith("var_ratio")}}
 

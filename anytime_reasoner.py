@@ -898,7 +898,6 @@ class Rollout:
         return self.ended_eos[..., None] & (self.cuts == self.think_len[..., None])
 
 
-
 def summary_prompts(length: int, why: str, budgets: list[int]) -> tuple[list[int], list[bool], list[int]]:
     """Where each budget's summary prompt cuts one trace of `length` tokens that stopped
     for `why` ('think': `</think>`, 'eos', 'max': it reached the last budget).

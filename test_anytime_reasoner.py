@@ -994,13 +994,15 @@ def _scripted_model(tok, prompt, think, summary):
 def test_summaries_run_to_eos_by_default(summary, truth, default, at_box):
     """SPEC 2-3 (the authors): summaries are sampled to EOS, so the reward reads the last box of the
     paragraph and sees a `</think>` written after it; the EOS is part of the summary (trained).
-    stop_at_box=True is the opt-in shortcut that stops at the first closed box."""
+    stop_at_box=True is the opt-in shortcut that stops at the first closed box; rollout() and
+    evaluate() default to running to EOS."""
     tok = ts.tiny_tokenizer()
     prompt = "q\n<think>\n"
     model = _scripted_model(tok, prompt, "12" + ar.THINK_END, summary)
-    for stop_at_box, expect in ((False, default), (True, at_box)):
+    for stop_at_box, expect in ((None, default), (False, default), (True, at_box)):
+        flag = {} if stop_at_box is None else {"stop_at_box": stop_at_box}   # None: rollout's own default
         ro = ar.rollout(model, tok, [prompt], [8], num_traces=1, num_summaries=1, temperature=0.0,
-                        summary_max_tokens=32, stop_at_box=stop_at_box)
+                        summary_max_tokens=32, **flag)
         assert ro.closed[0, 0] and ro.think_ids[0][0] == ar.encode(tok, "12" + ar.THINK_END)
         ids = ro.summary_ids[0][0][0][0]
         if not stop_at_box:

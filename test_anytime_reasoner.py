@@ -1835,21 +1835,25 @@ def test_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch, capsys)
 
 def test_quickstart_is_what_ci_runs():
     """The README's Quickstart install and test commands, verbatim, are lines of .ci/run (which
-    runs them in a fresh virtual environment), and the install brings pytest."""
+    runs them in a fresh virtual environment), and the install brings pytest. The CPU build of
+    torch comes first, in the README (before a newcomer runs the install) and in CI."""
     quickstart = Path(HERE, "README.md").read_text().split("## Quickstart")[1].split("\n## ")[0]
-    block = quickstart.split("```bash\n")[1].split("```")[0]
-    commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    blocks = [block.split("```")[0] for block in quickstart.split("```bash\n")[1:]]
+    commands = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
+    cpu_torch = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    install = next(c for c in commands if c.startswith("pip install -r"))
+    assert cpu_torch in commands and commands.index(cpu_torch) < commands.index(install)
     assert "python -m pytest -q test_anytime_reasoner.py" in commands
     ci = Path(HERE, ".ci", "run").read_text().splitlines()
     for command in commands:
-        if command != "python train_small.py --demo":   # in the tests, with a tiny budget
-            assert command in ci, command
-    install = next(c for c in commands if c.startswith("pip install"))
+        if command not in (cpu_torch, "python train_small.py --demo"):  # CI: a pinned CPU torch; the demo
+            assert command in ci, command                                # runs in the tests, tiny
+    ci_torch = next(i for i, line in enumerate(ci) if line.startswith("pip install") and "torch" in line)
+    assert ci_torch < ci.index(install)
     words = install.split()
     requirements = Path(HERE, words[words.index("-r") + 1]).read_text()
     assert "pytest" in words or "pytest" in requirements         # the install brings the test runner
     assert "torch" in requirements and "transformers" in requirements
-    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in quickstart
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT")

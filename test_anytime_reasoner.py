@@ -1546,7 +1546,8 @@ def test_out_dir_of_eval_only_is_its_own(tmp_path, capsys):
     ("Qwen/Qwen3-0.6B", False), ("gpt2", False), ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", False),
     ("org/name.v2_1", False), ("org/here-but-not-this", False),
     ("/abs/model", True), ("./model", True), ("../model", True), ("~/model", True), (".model", True),
-    ("models/org/name", True), ("C:\\models\\qwen", True), ("my model", True), ("org/", True),
+    ("models/org/name", True), ("C:\\models\\qwen", True), ("my model", True), ("org/", True), ("org/.x", True),
+    ("-model", True),
     ("org/there", True),
 ])
 def test_model_path_or_hub_name(name, local, tmp_path, monkeypatch):

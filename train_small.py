@@ -537,12 +537,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def is_local_path(name: str) -> bool:
     """Is --model a local folder rather than a Hugging Face hub name? Yes when something exists
-    at that path, or when the name cannot be a hub name: hub names are NAME or ORG/NAME, of
-    letters, digits, '-', '_' and '.', so a name that starts with '/', '.' or '~', has a second
-    '/', or holds any other character (a backslash, a space, a colon) is a path. An ORG/NAME
-    that is not there locally is always a hub name."""
-    return (os.path.exists(name) or name.startswith(("/", ".", "~")) or name.count("/") > 1
-            or re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is None)
+    at that path, or when the name cannot be a hub name. Hub names are NAME or ORG/NAME, each
+    part of letters, digits, '-', '_' and '.', not starting with '.' or '-'; so a name that
+    starts with '/', '.' or '~', has a second '/', or holds any other character (a backslash,
+    a space, a colon) is a path. An ORG/NAME that is not there locally is always a hub name."""
+    return os.path.exists(name) or re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name) is None
 
 
 def cannot_load(name: str, why: str):

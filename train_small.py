@@ -1029,8 +1029,7 @@ def main_demo(args: Args, device):
 
 def main_eval_only(args: Args, device, offline: bool) -> dict:
     """--eval-only: the anytime curve of --model (or of the --resume checkpoint), no training.
-    The same evaluation as training's (grid, settings, random stream), so a checkpoint gives
-    the row its run logged at that step."""
+    The same evaluation as training's: grid, settings, its own fixed random stream."""
     eval_set = load_gsm8k("test", args.data_dir)[:args.eval_size]
     seed_everything(args.seed)
     model, tokenizer = load_model(args.resume or args.model, device, offline)

@@ -1753,6 +1753,7 @@ def test_eval_only_draws_the_curve_of_a_model_or_a_checkpoint(tmp_path, capsys):
     except ImportError:
         chart = (tmp_path / "ea" / "anytime_accuracy.txt").read_text()
         assert chart.startswith(f"{a_dir}, not trained: accuracy on 3 held-out questions, temperature 0.6")
+        assert f"wrote {tmp_path / 'ea' / 'anytime_accuracy.txt'}" in r.stdout
 
     # a checkpoint of "training" (the weights of model B): evaluated with its own settings
     model_b = chain_model(tok, "\\boxed{71}")

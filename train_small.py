@@ -775,7 +775,8 @@ def figure_title(model: str, preset: str, num_questions: int, temperature: float
 
 
 def plot_curves(results: dict[str, dict], path: str, title: str) -> str:
-    """Accuracy against budget, like the paper's curve figure. PNG with matplotlib, else a text chart."""
+    """Accuracy against budget, like the paper's curve figure: a PNG at `path` with matplotlib,
+    else a text chart in the same place, ending .txt. Returns what to print."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -790,7 +791,7 @@ def plot_curves(results: dict[str, dict], path: str, title: str) -> str:
         text = "\n".join(lines)
         with open(path.replace(".png", ".txt"), "w") as f:
             f.write(text + "\n")
-        return text
+        return text + f"\nwrote {path.replace('.png', '.txt')}"
     plt.figure(figsize=(5.5, 4))
     plt.title(title, fontsize=9)
     for name, r in results.items():

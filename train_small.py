@@ -101,8 +101,8 @@ class Args:
     out_dir: str = arg("out", "folder for metrics, evaluations, the figure and the checkpoint "
                        "(--eval-only: out-eval)")
     save_every: int = arg(25, "save a checkpoint every N steps, after the last, and on Ctrl-C")
-    overwrite: bool = arg(False, "start afresh in an --out-dir that already holds a run "
-                          "(the demo always starts afresh)")
+    overwrite: bool = arg(False, "start afresh in an --out-dir that already holds a run, or with "
+                          "--eval-only replace an earlier evaluation (the demo always starts afresh)")
     resume: str | None = arg(None, "checkpoint folder to continue exactly from, e.g. out/ckpt")
     eval_only: bool = arg(False, "no training: evaluate --model, or the --resume checkpoint, as training "
                           "does (same grid and settings) and write eval.jsonl, the figure and the table")

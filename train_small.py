@@ -5,6 +5,7 @@
     python train_small.py --model Qwen/Qwen3-0.6B          # native thinking, </think> is one token
     python train_small.py --data-dir ../shared/gsm8k       # local GSM8K (else downloaded once)
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
+    python train_small.py --eval-only --model Qwen/Qwen3-0.6B  # the anytime curve of a model, no training
     python train_small.py --demo                           # CPU, offline, ~3 minutes: see the effect
     python train_small.py --help                           # every flag, its unit, default and demo value
 
@@ -19,9 +20,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field, fields
@@ -49,8 +52,9 @@ def arg(default, help: str):
 class Args:
     # what to train
     model: str = arg("Qwen/Qwen2.5-0.5B-Instruct",  # two KV heads: small KV cache, big generation batches
-                     "Hugging Face model name or local folder")
-    preset: str = arg("ar-uniform", "a run of the paper (SPEC 7): " + ", ".join(ar.PRESETS))
+                     "Hugging Face hub name (NAME or ORG/NAME) or local model folder; read as a folder "
+                     "when it exists or cannot be a hub name (starts with /, . or ~, or has two /)")
+    preset: str = arg("ar-uniform", "a run of the paper, see the README's table: " + ", ".join(ar.PRESETS))
     budgets: list[int] | None = arg(None, "thinking budgets in tokens, comma-separated and increasing, "
                                     "e.g. 128,256,384,512 [default: the preset's number of budgets, "
                                     "evenly spaced up to --max-think]")
@@ -94,11 +98,14 @@ class Args:
     summary_batch: int = arg(512, "sequences per generate() call for summaries")
     chunk_size: int = arg(1024, "positions per chunk of the output layer in the loss")
     # the run
-    out_dir: str = arg("out", "folder for metrics, evaluations, the figure and the checkpoint")
+    out_dir: str = arg("out", "folder for metrics, evaluations, the figure and the checkpoint "
+                       "(--eval-only: out-eval)")
     save_every: int = arg(25, "save a checkpoint every N steps, after the last, and on Ctrl-C")
-    overwrite: bool = arg(False, "start afresh in an --out-dir that already holds a run "
-                          "(the demo always starts afresh)")
+    overwrite: bool = arg(False, "start afresh in an --out-dir that already holds a run, or with "
+                          "--eval-only replace an earlier evaluation (the demo always starts afresh)")
     resume: str | None = arg(None, "checkpoint folder to continue exactly from, e.g. out/ckpt")
+    eval_only: bool = arg(False, "no training: evaluate --model, or the --resume checkpoint, as training "
+                          "does (same grid and settings) and write eval.jsonl, the figure and the table")
     data_dir: str | None = arg(None, "folder with GSM8K's train.jsonl and test.jsonl [default: "
                                "downloaded once into ~/.cache/anytime_reasoner/gsm8k]")
     device: str = arg("auto", "cpu, cuda, cuda:1 or mps; auto: a GPU if there is one")
@@ -166,6 +173,8 @@ def parse_args(argv=None) -> Args:
         for k in ("model", "data_dir"):
             if k in given:
                 die(f"--demo builds its own model and data; drop --{k.replace('_', '-')}")
+        if "eval_only" in given:
+            die("--demo trains its own model; drop --eval-only")
         cfg.update(DEMO)
     resumed = {}
     if "resume" in given:
@@ -175,7 +184,14 @@ def parse_args(argv=None) -> Args:
         if resumed.get("demo"):
             die(f"--resume {given['resume']}: a checkpoint of the demo, which does not resume; "
                 f"run `python train_small.py --demo` again")
-        cfg.update({k: v for k, v in resumed.items() if k in cfg and k not in ("resume", "overwrite")})
+        if "model" in given:
+            die(f"--resume {given['resume']} holds its own model (trained from {resumed.get('model')}); "
+                f"drop --model")
+        # --eval-only writes into a folder of its own, not into the run's
+        kept = ("resume", "overwrite", "eval_only") + (("out_dir",) if given.get("eval_only") else ())
+        cfg.update({k: v for k, v in resumed.items() if k in cfg and k not in kept})
+    if given.get("eval_only"):
+        cfg["out_dir"] = "out-eval"
     name = given.get("preset", cfg["preset"])
     if name not in ar.PRESETS:
         die(f"unknown preset {name!r}; choose one of {', '.join(ar.PRESETS)}")
@@ -192,8 +208,9 @@ def parse_args(argv=None) -> Args:
     for k in ("max_think", "questions_per_step", "traces", "num_summaries", "summary_max_tokens", "steps",
               "updates_per_rollout", "micro_batch", "think_batch", "summary_batch", "chunk_size",
               "eval_size", "eval_every", "eval_grid", "save_every"):
-        if cfg[k] < 1:
-            die(f"--{k.replace('_', '-')} must be at least 1, got {cfg[k]}")
+        if cfg[k] < 1 and not (k == "steps" and cfg["eval_only"]):
+            hint = " (to evaluate without training: --eval-only)" if k == "steps" else ""
+            die(f"--{k.replace('_', '-')} must be at least 1, got {cfg[k]}{hint}")
     if cfg["warmup_steps"] < 0:
         die(f"--warmup-steps must be at least 0, got {cfg['warmup_steps']}")
     why = {"temperature": " (the loss assumes sampled traces)", "eval_temperature": " (0 = greedy)"}
@@ -217,8 +234,20 @@ def parse_args(argv=None) -> Args:
             die(f"{preset.num_budgets} budgets do not fit in --max-think {cfg['max_think']}")
         budgets = ar.evenly_spaced_budgets(cfg["max_think"], preset.num_budgets)
     cfg["budgets"], cfg["max_think"] = budgets, budgets[-1]
-    if cfg["data_dir"] is not None and not os.path.isdir(cfg["data_dir"]):
-        die(f"--data-dir {cfg['data_dir']}: no such folder")
+    if cfg["data_dir"] is not None:
+        if not os.path.isdir(cfg["data_dir"]):
+            die(f"--data-dir {cfg['data_dir']}: no such folder")
+        for split in ("test",) if cfg["eval_only"] else ("train", "test"):
+            if not os.path.isfile(os.path.join(cfg["data_dir"], f"{split}.jsonl")):
+                die(f"--data-dir {cfg['data_dir']}: no {split}.jsonl there (GSM8K's train.jsonl and test.jsonl)")
+    if not cfg["demo"] and not cfg["resume"] and is_local_path(cfg["model"]):  # a hub name: checked in main
+        cfg["model"] = folder = os.path.expanduser(cfg["model"])
+        if not os.path.exists(folder):
+            die(f"--model {folder}: no such folder")
+        if not os.path.isdir(folder):
+            die(f"--model {folder} is a file; pass the model's folder")
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            die(f"--model {folder}: no config.json there, so not a Hugging Face model folder")
     if cfg["device"] != "auto":
         try:
             device = torch.device(cfg["device"])
@@ -231,21 +260,57 @@ def parse_args(argv=None) -> Args:
 
 def check_out_dir(args: Args):
     """--out-dir must be a folder we can write, and a fresh run must not mix its logs and checkpoint
-    with an earlier run's (the demo always starts afresh). Called before anything heavy loads."""
+    with an earlier run's (the demo always starts afresh). --eval-only writes eval.jsonl and the
+    figure into a folder of its own: never one that holds a training run or the demo's results.
+    Called before anything heavy loads."""
     out = args.out_dir
     if os.path.exists(out) and not os.path.isdir(out):
         die(f"--out-dir {out} is a file, not a folder")
     parent = os.path.abspath(out)
-    while not os.path.exists(parent):  # the folder we would create it in
+    missing = []  # the folders we would create, outermost last
+    while not os.path.exists(parent):
+        missing.append(parent)
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         die(f"--out-dir {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         die(f"--out-dir {out}: {parent} is not writable")
-    if args.demo or args.resume or args.overwrite:
+    # os.access says yes to root everywhere, and knows nothing of read-only file systems or /proc:
+    # create the folder and a file in it, then remove them again
+    made = []
+    try:
+        for folder in reversed(missing):
+            try:
+                os.mkdir(folder)
+            except OSError as e:
+                die(f"--out-dir {out}: cannot create a folder in {os.path.dirname(folder)} ({e.strerror})")
+            made.append(folder)
+        try:
+            fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            die(f"--out-dir {out}: cannot write a file there ({e.strerror})")
+    finally:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+    if args.demo or (args.resume and not args.eval_only):
         return
-    held = [n for n in ("metrics.jsonl", "eval.jsonl", "ckpt") if os.path.exists(os.path.join(out, n))]
-    if held:
+    # what a run leaves: logs (metrics*.jsonl, eval*.jsonl), checkpoints (ckpt*), the demo's
+    # results and the figure
+    held = sorted(n for n in (os.listdir(out) if os.path.isdir(out) else [])
+                  if re.fullmatch(r"(metrics.*|eval.*)\.jsonl|ckpt.*|demo_results\.json|anytime_accuracy\..*", n))
+    if args.eval_only:
+        others = [n for n in held if n not in ("eval.jsonl", "anytime_accuracy.png", "anytime_accuracy.txt")]
+        if others:
+            die(f"--out-dir {out} holds a run ({', '.join(others)}); --eval-only writes into a folder of its "
+                f"own: choose another --out-dir")
+        if held and not args.overwrite:
+            die(f"--out-dir {out} already holds an evaluation ({', '.join(held)}); choose another --out-dir, "
+                f"or add --overwrite to replace it")
+        return
+    if held and not args.overwrite:
         hint = f"continue it with --resume {os.path.join(out, 'ckpt')}, " if "ckpt" in held else ""
         die(f"--out-dir {out} already holds a run ({', '.join(held)}); {hint}choose another --out-dir, "
             f"or add --overwrite to start afresh there")
@@ -259,8 +324,18 @@ GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/g
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "anytime_reasoner", "gsm8k")
 
 
+def json_error(e: ValueError, line: str) -> str:
+    """json's message without its own line and column, which count within the one line parsed."""
+    if not isinstance(e, json.JSONDecodeError):
+        return str(e)
+    where = "at the end of the line" if e.pos >= len(line.rstrip("\r\n")) else f"at column {e.pos + 1}"
+    return f"not JSON ({e.msg} {where})"
+
+
 def parse_gsm8k(path: str) -> list[dict]:
-    """[{question, answer}] from a GSM8K JSONL file; the answer is what follows '####', commas removed."""
+    """[{question, answer}] from a GSM8K JSONL file; the answer is what follows the last '####',
+    commas removed ('#### 1,234' -> '1234'). Blank lines are skipped; a bad line is an error
+    that names the file and the line."""
     rows = []
     with open(path, "rb") as f:  # bytes, so that a bad byte is reported with its line
         for n, raw in enumerate(f, 1):
@@ -272,13 +347,18 @@ def parse_gsm8k(path: str) -> list[dict]:
                 continue
             try:
                 obj = json.loads(line)
-                question, solution = obj["question"], obj["answer"]
-                if "####" not in solution:
-                    raise ValueError("no '####' before the final answer")
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: malformed GSM8K line ({e})") from None
-            rows.append({"question": question,
-                         "answer": solution.split("####")[-1].strip().replace(",", "")})
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: malformed GSM8K line: {json_error(e, line)}") from None
+            if not (isinstance(obj, dict) and isinstance(obj.get("question"), str)
+                    and isinstance(obj.get("answer"), str)):
+                raise ValueError(f'{path}:{n}: malformed GSM8K line: not an object with text fields '
+                                 f'"question" and "answer"')
+            if "####" not in obj["answer"]:
+                raise ValueError(f"{path}:{n}: malformed GSM8K line: no '####' before the final answer")
+            answer = obj["answer"].split("####")[-1].strip().replace(",", "")
+            if not answer:
+                raise ValueError(f"{path}:{n}: malformed GSM8K line: nothing after '####'")
+            rows.append({"question": obj["question"], "answer": answer})
     return rows
 
 
@@ -455,19 +535,49 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_model(name: str, device: torch.device):
+def is_local_path(name: str) -> bool:
+    """Is --model a local folder rather than a Hugging Face hub name? Yes when something exists
+    at that path, or when the name cannot be a hub name. Hub names are NAME or ORG/NAME, each
+    part of letters, digits, '-', '_' and '.', not starting with '.' or '-'; so a name that
+    starts with '/', '.' or '~', has a second '/', or holds any other character (a backslash,
+    a space, a colon) is a path. An ORG/NAME that is not there locally is always a hub name."""
+    return os.path.exists(name) or re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name) is None
+
+
+def cannot_load(name: str, why: str):
+    here = os.path.dirname(name)
+    also = f"; there is no folder {name} here either" if here and os.path.isdir(here) else ""
+    die(f"could not load model {name!r} ({why}{also}). Check the name, or on a machine with "
+        f"internet run `hf download {name} --local-dir FOLDER` and pass --model FOLDER.")
+
+
+def check_hub_model(name: str) -> bool:
+    """Before anything heavy loads: a hub name must be reachable or in the local cache.
+    Returns whether to load offline (from the cache)."""
+    if is_local_path(name) or hub_reachable():
+        return False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid hub name, or an older huggingface_hub: let from_pretrained say
+        cached = True
+    if not cached:
+        cannot_load(name, "no internet and not in the local Hugging Face cache")
+    return True
+
+
+def load_model(name: str, device: torch.device, offline: bool | None = None):
     """from_pretrained (from the local cache when offline), or one clear message that says what to do."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = torch.float32  # fp32 master weights; the loss runs under bf16 autocast on a GPU
-    offline = not os.path.isdir(name) and not hub_reachable()
+    if offline is None:
+        offline = not is_local_path(name) and not hub_reachable()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
     except Exception as e:  # OSError, ValueError, connection errors...: all mean "not loadable"
-        why = "no internet and not in the local Hugging Face cache" if offline else \
-            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        die(f"could not load model {name!r} ({why}). Check the name, or on a machine with "
-            f"internet run `hf download {name} --local-dir FOLDER` and pass --model FOLDER.")
+        cannot_load(name, "no internet and not in the local Hugging Face cache" if offline else
+                    f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -536,15 +646,68 @@ def find_checkpoint(path: str) -> str:
     die(f"--resume {path}: no checkpoint there (no args.json); pass {hint}")
 
 
+def checkpoint_step(path: str) -> int:
+    """The step a checkpoint was saved at, read without loading its optimiser state (mmap)."""
+    return torch.load(os.path.join(path, "trainer_state.pt"), mmap=True, weights_only=False)["step"]
+
+
+def drop_torn_line(path: str):
+    """A run killed while appending to a JSONL log can leave half a line at its end, with no
+    newline: drop it, and say so. A whole last row only missing its newline gets it back."""
+    if not os.path.isfile(path):
+        return
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data or data.endswith(b"\n"):
+        return
+    kept, _, last = data.rpartition(b"\n")
+    try:
+        json.loads(last)
+    except ValueError:  # also a UnicodeDecodeError: a character cut in two
+        with open(path, "wb") as f:
+            f.write(kept + b"\n" if kept else b"")
+        shown = last[:40].decode("utf-8", "replace") + ("..." if len(last) > 40 else "")
+        print(f"{path}: dropped its last line, cut short when the run was stopped: {shown}")
+        return
+    with open(path, "ab") as f:
+        f.write(b"\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL log written by this script ([] if there is none); a bad line is one
+    error naming the file and the line."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                die(f"{path}:{n}: {json_error(e, line)}; remove that line or start afresh with --overwrite")
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                die(f"{path}:{n}: not a row of this script's log (no step); remove that line")
+            rows.append(row)
+    return rows
+
+
 def drop_rows_after(path: str, step: int):
     """Keep the JSONL rows of steps <= step: a run killed between two checkpoints has logged
     steps that its resumed run will do again."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    drop_torn_line(path)
+    rows = [row for row in read_jsonl(path) if row["step"] <= step]
     with open(path, "w") as f:
-        f.writelines(rows)
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def logged_eval(path: str, step: int) -> dict | None:
+    """The evaluation logged at `step` in an eval.jsonl, without its step; None if not there."""
+    row = next((r for r in read_jsonl(path) if r["step"] == step), None)
+    return row and {k: v for k, v in row.items() if k != "step"}
 
 
 def append_jsonl(path: str, row: dict):
@@ -552,22 +715,33 @@ def append_jsonl(path: str, row: dict):
         f.write(json.dumps(row) + "\n")
 
 
-def progress_bar(total: int, desc: str):
-    """A tqdm bar when tqdm is installed and we are on a terminal; else nothing."""
-    if tqdm is None or not sys.stderr.isatty():
+def progress_bar(total: int, desc: str, plain: bool = False):
+    """A tqdm bar when tqdm is installed and we are on a terminal; else, if `plain`, a line on
+    stderr at every tenth of `total`; else nothing. Returns (bar or None, update(n))."""
+    if tqdm is not None and sys.stderr.isatty():
+        bar = tqdm(total=total, desc=desc, leave=False)
+        return bar, bar.update
+    if not plain:
         return None, lambda n: None
-    bar = tqdm(total=total, desc=desc, leave=False)
-    return bar, bar.update
+    done, shown = 0, 0
+
+    def update(n):
+        nonlocal done, shown
+        done += n
+        if done * 10 // total > shown:
+            shown = done * 10 // total
+            print(f"{desc}: {done} of at most {total} sequences generated", file=sys.stderr, flush=True)
+    return None, update
 
 
 # ----------------------------------------------------------------------------
 # Evaluation: anytime accuracy table, JSONL and a plot
 # ----------------------------------------------------------------------------
 
-def evaluate(model, tokenizer, prompts, truths, args: Args, grid: list[int]) -> dict:
+def evaluate_model(model, tokenizer, prompts, truths, args: Args, grid: list[int], plain_progress=False) -> dict:
     """ar.evaluate on its own fixed random stream: evaluations are comparable across steps,
     and the training stream is untouched (so a resumed run continues exactly)."""
-    bar, update = progress_bar(len(prompts) * (1 + len(grid)), "eval")
+    bar, update = progress_bar(len(prompts) * (1 + len(grid)), "eval", plain_progress)
     model.eval()
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device):
@@ -601,7 +775,8 @@ def figure_title(model: str, preset: str, num_questions: int, temperature: float
 
 
 def plot_curves(results: dict[str, dict], path: str, title: str) -> str:
-    """Accuracy against budget, like the paper's curve figure. PNG with matplotlib, else a text chart."""
+    """Accuracy against budget, like the paper's curve figure: a PNG at `path` with matplotlib,
+    else a text chart in the same place, ending .txt. Returns what to print."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -616,7 +791,7 @@ def plot_curves(results: dict[str, dict], path: str, title: str) -> str:
         text = "\n".join(lines)
         with open(path.replace(".png", ".txt"), "w") as f:
             f.write(text + "\n")
-        return text
+        return text + f"\nwrote {path.replace('.png', '.txt')}"
     plt.figure(figsize=(5.5, 4))
     plt.title(title, fontsize=9)
     for name, r in results.items():
@@ -749,7 +924,7 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
     order = np.random.default_rng(args.seed).permutation(len(train_set))  # fixed data order: resumable
 
     def run_eval(step):
-        r = evaluate(model, tokenizer, eval_prompts, eval_truths, args, grid)
+        r = evaluate_model(model, tokenizer, eval_prompts, eval_truths, args, grid)
         append_jsonl(eval_path, {"step": step, **r})
         print(format_table({f"step {step}": r}))
         return r
@@ -757,9 +932,7 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
     if start_step == 0:
         first = result = run_eval(0)
     else:  # resumed: "before" is the step-0 evaluation its first run logged (None if not there)
-        with open(eval_path) as f:
-            first = next((r for r in map(json.loads, filter(str.strip, f)) if r.pop("step") == 0), None)
-        result = None
+        first, result = logged_eval(eval_path, 0), None
     step = saved = start_step
     interrupted = False
 
@@ -849,16 +1022,49 @@ def main_demo(args: Args, device):
     return results
 
 
+def main_eval_only(args: Args, device, offline: bool) -> dict:
+    """--eval-only: the anytime curve of --model (or of the --resume checkpoint), no training.
+    The same evaluation as training's: grid, settings, its own fixed random stream."""
+    eval_set = load_gsm8k("test", args.data_dir)[:args.eval_size]
+    seed_everything(args.seed)
+    model, tokenizer = load_model(args.resume or args.model, device, offline)
+    step = checkpoint_step(args.resume) if args.resume else 0
+    grid = eval_grid(args)
+    print(f"{args.model}" + (f" trained to step {step} ({args.resume})" if args.resume else "")
+          + f": {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device}; "
+          f"{len(eval_set)} questions at budgets {grid}", flush=True)
+    r = evaluate_model(model, tokenizer, [ar.format_prompt(tokenizer, x["question"]) for x in eval_set],
+                       [x["answer"] for x in eval_set], args, grid, plain_progress=True)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "eval.jsonl"), "w") as f:
+        f.write(json.dumps({"step": step, "model": args.model, "checkpoint": args.resume, **r}) + "\n")
+    print(format_table({f"step {step}": r}))
+    title = figure_title(args.model, f"{args.preset}, step {step}" if args.resume else "not trained",
+                         len(eval_set), args.eval_temperature)
+    print(plot_curves({f"step {step}": r}, os.path.join(args.out_dir, "anytime_accuracy.png"), title))
+    return r
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_out_dir(args)
     device = pick_device(args.device)
     if args.demo:
         return main_demo(args, device)
+    if args.resume and not args.eval_only:  # the logs and the step, before anything heavy loads
+        start_step = checkpoint_step(args.resume)
+        if start_step >= args.steps:
+            print(f"nothing to do: the checkpoint is at step {start_step}; pass --steps N with N > {start_step}")
+            return
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            drop_rows_after(os.path.join(args.out_dir, name), start_step)
+    offline = check_hub_model(args.resume or args.model)
+    if args.eval_only:
+        return main_eval_only(args, device, offline)
     train_set = load_gsm8k("train", args.data_dir)
     eval_set = load_gsm8k("test", args.data_dir)[:args.eval_size]
     seed_everything(args.seed)
-    model, tokenizer = load_model(args.resume or args.model, device)
+    model, tokenizer = load_model(args.resume or args.model, device, offline)
     # recompute activations in backward: memory for speed (transformers 5 renamed the method)
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = True  # generate() still uses the KV cache in eval mode
@@ -874,9 +1080,6 @@ def main(argv=None):
         start_step, data_pos = state["step"], state["data_pos"]
         set_rng_state(state["rng"])
         print(f"resumed from {args.resume} at step {start_step} of {args.steps}")
-        if start_step >= args.steps:
-            print(f"nothing to do: the checkpoint is at step {start_step}; pass --steps N with N > {start_step}")
-            return
 
     def make_prompt(q):
         return ar.format_prompt(tokenizer, q)

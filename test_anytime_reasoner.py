@@ -1988,7 +1988,8 @@ def test_resume_continues_exactly(tmp_path):
     kill also left half a line at the end of each log: dropped, said once, before the model loads."""
     common = ["--model", tiny_model_dir(tmp_path), "--data-dir", gsm8k_dir(tmp_path), "--max-think", "16",
               "--questions-per-step", "2", "--traces", "2", "--summary-max-tokens", "4",
-              "--eval-size", "2", "--eval-every", "2", "--save-every", "2", "--steps", "4", "--device", "cpu"]
+              "--eval-size", "2", "--eval-every", "2", "--save-every", "2", "--steps", "4", "--device", "cpu",
+              "--lr", "0.003", "--weight-decay", "0.02"]   # not torch's defaults: read back from AdamW's state
     a, b = tmp_path / "a", tmp_path / "b"
     proc = start_script(*common, "--out-dir", str(a))
     wait_for(proc, "step    3 |")     # step 3 is logged; the checkpoint is at step 2
@@ -2016,8 +2017,10 @@ def test_resume_continues_exactly(tmp_path):
 
     assert [x["step"] for x in jsonl_rows(a / "metrics.jsonl")] == [1, 2, 3, 4]
     assert [x["step"] for x in jsonl_rows(a / "eval.jsonl")] == [0, 2, 4]
-    state = torch.load(a / "ckpt" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 4 and state["optimizer"]["param_groups"][0]["weight_decay"] == 0.01
+    for run in (a, b):   # the resumed run and the straight one: AdamW got --lr and --weight-decay
+        state = torch.load(run / "ckpt" / "trainer_state.pt", weights_only=False)
+        assert state["step"] == 4 and state["optimizer"]["param_groups"][0]["weight_decay"] == 0.02
+        assert state["optimizer"]["param_groups"][0]["lr"] == 0.003
     same = ("questions", "reward", "acc", "think_len")
     rows_a, rows_b = jsonl_rows(a / "metrics.jsonl"), jsonl_rows(b / "metrics.jsonl")
     assert [{k: x[k] for k in same} for x in rows_a] == [{k: x[k] for k in same} for x in rows_b]

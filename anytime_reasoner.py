@@ -169,7 +169,7 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------
-# 2. Answer checker (sympy, never eval); the SPEC 3 score is in section 5
+# 2. Answer checker (sympy, never eval); the score built on it is in section 5
 # ----------------------------------------------------------------------------
 #
 # extract_answer: the last box (with the boxes joined to it by "," / "and" / "or")
@@ -181,9 +181,11 @@ def stop_ids(tokenizer) -> list[int]:
 #       (never eval/sympify/parse_expr): numbers, + - * / ^, \frac, \sqrt, \pi,
 #       tuples, sets, intervals, ratios and relations.
 #   2e. _values_equal: structure first, then expressions at rational sample points.
-#       Integers and fractions compare exactly ("1000001" is not 1000000); a 1e-6
-#       relative tolerance applies only if an answer is written with a decimal
-#       point, since a decimal may be rounded ("0.333333" is 1/3).
+#       Integers and fractions compare exactly ("1000001" is not 1000000). A written
+#       decimal may be rounded, never wrong: it matches a value within half a unit of
+#       its last written digit and within 1e-6 of it, relative ("0.333333" is 1/3,
+#       "0.333" is not; nor are "1000001.0" and "999999.5" 1000000); two decimals match
+#       only if equal ("2.50" is 2.5). The rule is _close (and _numbers_close).
 # Every stage has a size bound, so any input is checked in well under a second.
 
 # A parsed answer: a sympy expression, or a group (kind, items). Kinds: "()" tuple,
@@ -191,7 +193,7 @@ def stop_ids(tokenizer) -> list[int]:
 # for a:b:c, and "rel <= <" for a relation chain (items: its sides, a <= x < b).
 Value = Union[sympy.Expr, Tuple[str, Tuple["Value", ...]]]
 
-_HEADING = ANSWER_HEADING
+_HEADING = "**Final Answer**"  # ANSWER_HEADING of section 1, repeated so this section copies alone
 _MAX_RAW_CHARS = 10_000     # longer answers are only compared as exact strings
 _MAX_PARSE_CHARS = 500      # longer answers skip the sympy stage
 _MAX_DEPTH = 40             # parser nesting limit, far below Python's recursion limit
@@ -202,7 +204,8 @@ _MAX_ROOT_BITS = 1024       # bound on all radicands together (sympy factors the
 _MAX_ITEMS = 16             # longest tuple or set we compare
 _MAX_SYMBOLS = 6
 _SYMBOL_BITS = 10           # sample values below have numerator, denominator < 32
-_REL_TOL = Fraction(1, 10**6)  # only when an answer has a decimal point
+_REL_TOL = Fraction(1, 10**6)  # a rounded decimal must still be this close, relative
+_ROUNDING = sympy.Rational(1, 10**20)  # irrational values are compared at 30 digits
 _SAMPLES = tuple(sympy.Rational(p, q) for p, q in [
     (13, 17), (23, 19), (7, 11), (29, 31), (17, 5), (11, 29), (31, 13), (5, 23), (19, 7), (3, 17),
     (25, 11), (9, 31), (27, 19), (11, 3), (15, 29), (21, 13), (29, 9), (7, 27), (23, 5), (13, 29)])
@@ -436,9 +439,15 @@ def _match(given: str, truth: str) -> bool:
     return any(_readings_equal(a, b, tol) for a in _readings(g) for b in _readings(t))
 
 
+_DECIMAL_RE = re.compile(r"(?<![\d.])\d*\.(\d+)(?:[eE]([-+]?\d{1,3}))?")  # "2.50", ".5", "1.5e3"; not "7."
+
+
 def _tolerance(g: str, t: str) -> Fraction:
-    """Integers and fractions compare exactly; a decimal may be rounded ("0.333333" is 1/3)."""
-    return _REL_TOL if re.search(r"\.\d", g + " " + t) else Fraction(0)
+    """Half a unit of the last written digit of the finest decimal in either answer
+    ("2.50": 0.005, "1.5e3": 50), or 0 (exact) if neither has one: integers and
+    fractions compare exactly, and "7." is the integer 7 followed by a full stop."""
+    places = [len(m.group(1)) - int(m.group(2) or 0) for m in _DECIMAL_RE.finditer(g + " " + t)]
+    return Fraction(1, 2) / Fraction(10) ** max(places) if places else Fraction(0)
 
 
 def _readings(s: str) -> list[str]:
@@ -474,8 +483,10 @@ def _as_number(s: str) -> Fraction | None:
 
 
 def _close(a: Fraction, b: Fraction, tol: Fraction) -> bool:
-    """Exact rational comparison, or within a relative tolerance tol."""
-    return abs(a - b) <= tol * max(abs(a), abs(b))
+    """The tolerance rule: |a - b| <= min(tol, 1e-6 * max(|a|, |b|)), tol from _tolerance.
+    A decimal matches a value it is rounded from, to at least about six significant
+    digits; with tol = 0 (no decimal written) only equal values match."""
+    return abs(a - b) <= min(tol, _REL_TOL * max(abs(a), abs(b)))
 
 
 # 2d. a restricted parser that builds sympy objects (never eval)
@@ -800,16 +811,18 @@ def _exprs_equal(a: sympy.Expr, b: sympy.Expr, tol: Fraction) -> bool:
 
 
 def _numbers_close(a: sympy.Expr, b: sympy.Expr, tol: Fraction) -> bool:
-    """Two constants: rationals exactly (or within tol), others to 30 digits (or tol); oo is oo."""
+    """Two constants by the rule of _close: rationals exactly (or within tol), others
+    ("1.41421356" against sqrt 2) evaluated to 30 digits, so also within 1e-20 of each
+    other, relative or absolute, for rounding at 30 digits; oo is only oo."""
     if a.is_Rational and b.is_Rational:
         return _close(Fraction(int(a.p), int(a.q)), Fraction(int(b.p), int(b.q)), tol)
     if not (a.is_number and b.is_number and a.is_finite and b.is_finite):
         return a == b
-    da, db = sympy.N(a, 30), sympy.N(b, 30)
+    da, db = sympy.N(a, 30, chop=True), sympy.N(b, 30, chop=True)  # chop: a 0 below 30 digits is 0
     diff, scale = sympy.Abs(da - db), sympy.Max(sympy.Abs(da), sympy.Abs(db))
-    rel = max(tol, Fraction(1, 10**20))  # 1e-20: rounding at 30 digits
-    # Relative tolerance, plus an absolute floor for values that are 0 up to rounding.
-    return bool(diff <= scale * sympy.Rational(rel.numerator, rel.denominator) or diff < sympy.Float("1e-20", 30))
+    rule = sympy.Min(sympy.Rational(tol.numerator, tol.denominator),
+                     sympy.Rational(_REL_TOL.numerator, _REL_TOL.denominator) * scale)
+    return bool(diff <= sympy.Max(rule, _ROUNDING * scale, _ROUNDING))
 
 
 # ----------------------------------------------------------------------------
@@ -1006,20 +1019,57 @@ def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces
 # ----------------------------------------------------------------------------
 
 def score_summary(summary_text: str, truth: str, cut_has_eos: bool = False) -> float:
-    """SPEC 3: 1.0 if the answer is right AND exactly one `</think>` was seen, else 0.
+    """1.0 if the answer is right AND exactly one `</think>` was seen, else 0.
 
-    Both summary prompts already hold exactly one `</think>` (the trace's own or
-    the inserted one), so a summary is well formatted iff it adds none. A summary
-    whose prompt holds the trace's EOS (a trace that ended in EOS, at the budgets
-    that reach it) scores 0; budgets cut before that EOS are graded normally.
+    The summary is the text sampled after the `**Final Answer**` heading; its answer
+    is the last box of its first paragraph (extract_answer), compared with the truth
+    by answers_match. Both summary prompts already hold exactly one `</think>` (the
+    trace's own or the inserted one), so a summary is well formatted iff it adds
+    none. A summary whose prompt holds the trace's EOS (a trace that ended in EOS,
+    at the budgets that reach it) scores 0; budgets cut before that EOS are graded
+    normally.
     """
     if cut_has_eos or THINK_END in summary_text:
         return 0.0
     return float(answers_match(extract_answer(ANSWER_HEADING + "\n" + summary_text), truth))
 
 
+def completion_reward(completions: list, answer: list, **kwargs) -> list[float]:
+    """score_summary's rule for whole completions, as a TRL `reward_funcs` function.
+
+    A completion scores 1.0 iff it holds exactly one `</think>` and the text after
+    it holds the right answer: the last box of its `**Final Answer**` paragraph, or,
+    if no heading follows `</think>`, the last box of all the text after it. The
+    thinking is never read as the answer. `<think>` is not looked for: the prompt
+    may open it (format_prompt does, and so do R1-style chat templates) or the
+    completion may. completions: strings, or per completion a list of chat messages
+    ({"role", "content"}), as TRL passes for conversational datasets. answer: the
+    dataset column, one truth per completion; GSM8K's raw solutions count ("...
+    #### 1,234" is 1234). Other keyword arguments (prompts, other columns) are
+    ignored. Returns one float per completion.
+    """
+    if len(completions) != len(answer):
+        raise ValueError(f"completion_reward: {len(completions)} completions but {len(answer)} answers")
+    rewards = []
+    for completion, truth in zip(completions, answer):
+        try:
+            text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+        except (TypeError, KeyError):
+            raise TypeError("completion_reward: each completion must be a string or a list of chat messages "
+                            f"with a 'content' key, got {completion!r:.80}") from None
+        truth = str(truth)
+        if "####" in truth:  # GSM8K: reasoning, then "#### 1,234" (answers_match reads 1,234 as 1234)
+            truth = truth.rpartition("####")[2]
+        after = text.partition(THINK_END)[2]
+        at = after.find(ANSWER_HEADING)
+        # After the heading: a summary. No heading: all the text is one paragraph.
+        summary = after[at + len(ANSWER_HEADING):] if at != -1 else after.replace("\n", " ")
+        rewards.append(score_summary(summary, truth) if text.count(THINK_END) == 1 else 0.0)
+    return rewards
+
+
 def score_rollout(ro: Rollout, truths: list[str]) -> torch.Tensor:
-    """Score of every summary, Tensor[B, G, S, A] of 0/1 (SPEC 3)."""
+    """Score of every summary by score_summary, Tensor[B, G, S, A] of 0/1."""
     has_eos = ro.cut_has_eos                                                    # B,G,S
     return torch.tensor([[[[score_summary(text, truths[b], bool(has_eos[b, g, s])) for text in per_budget]
                            for s, per_budget in enumerate(per_trace)]

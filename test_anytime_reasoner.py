@@ -1164,15 +1164,67 @@ def test_training_raises_the_rewarded_behaviour(preset, monkeypatch):
 
 
 # ----------------------------------------------------------------------------
-# the score (SPEC 3)
+# the score: 1 for a right answer with exactly one </think>
 # ----------------------------------------------------------------------------
 
 def test_score_summary_format_rules():
     assert ar.score_summary("The answer is \\boxed{18}.", "18", cut_has_eos=False) == 1.0
+    assert ar.score_summary("\n\\boxed{18}", "18", cut_has_eos=False) == 1.0      # a blank line after the heading
     assert ar.score_summary("\\boxed{18}", "18", cut_has_eos=True) == 0.0          # no </think>
     assert ar.score_summary("</think> \\boxed{18}", "18", cut_has_eos=False) == 0.0  # two </think>
     assert ar.score_summary("\\boxed{17}", "18", cut_has_eos=False) == 0.0
     assert ar.score_summary("no box", "18", cut_has_eos=False) == 0.0
+
+
+def test_checker_heading_is_the_format_heading():
+    assert ar._HEADING == ar.ANSWER_HEADING  # section 2 repeats it so that it copies alone
+
+
+COMPLETIONS = [  # (completion, its reward for the truth 12), the prompt having opened <think> or not
+    ("5 + 7 = 12.\n</think>\n\n**Final Answer**\n\\boxed{12}", 1.0),
+    ("<think>\nadd them\n</think>\n\n**Final Answer**\nThe answer is $\\boxed{12}$.", 1.0),
+    ("add\n</think>\n\n**Final Answer**\n\\boxed{13}", 0.0),                 # wrong
+    ("\\boxed{12}\n</think>\n\n**Final Answer**\nI am not sure.", 0.0),        # right only in the thinking
+    ("<think>\\boxed{12}</think>\n\nNo idea.", 0.0),
+    ("\\boxed{12}", 0.0),                                                       # no </think>
+    ("**Final Answer**\n\\boxed{12}", 0.0),
+    ("a</think>b</think>\n\n**Final Answer**\n\\boxed{12}", 0.0),             # two </think>
+    ("a</think>\n\n**Final Answer**\n\\boxed{12}</think>", 0.0),
+    ("a</think>\n\nSo 5 + 7 = 12.\n\nThe answer is \\boxed{12}.", 1.0),     # no heading: its last box
+    ("a</think>\n\n\\boxed{12}\n\nor rather \\boxed{13}", 0.0),
+    ("a</think>\n\n\\boxed{13}\n\n**Final Answer**\n\\boxed{12}", 1.0),   # the heading's paragraph
+    ("a</think>\n\n**Final Answer**\nIt is 12.\n\n\\boxed{12}", 0.0),       # a box after that paragraph
+    ("", 0.0),
+]
+
+
+def test_completion_reward_with_trls_calling_convention():
+    texts, expected = [c for c, _ in COMPLETIONS], [r for _, r in COMPLETIONS]
+    n = len(texts)
+    extra = dict(prompts=["What is 5 + 7?\n<think>\n"] * n, completion_ids=[[1, 2]] * n,  # as TRL passes them
+                 trainer_state=None, log_extra=None, question=["What is 5 + 7?"] * n)
+    assert ar.completion_reward(completions=texts, answer=["12"] * n, **extra) == expected
+    chats = [[{"role": "assistant", "content": t}] for t in texts]  # a conversational dataset
+    assert ar.completion_reward(completions=chats, answer=["12"] * n, **extra) == expected
+    assert ar.completion_reward(completions=texts, answer=[12] * n) == expected
+    split = [{"role": "assistant", "content": "5 + 7 = 12.\n</think>"},  # the messages' text, joined
+             {"role": "assistant", "content": "\n\n**Final Answer**\n\\boxed{12}"}]
+    assert ar.completion_reward(completions=[split], answer=["12"]) == [1.0]
+
+
+def test_completion_reward_reads_gsm8k_raw_answers():
+    raw = "She sold 48/2 = <<48/2=24>>24 clips in May.\nIn all 1000 + 234 = <<1000+234=1234>>1,234.\n#### 1,234"
+    done = "x</think>\n\n**Final Answer**\n\\boxed{%s}"
+    answers = [done % "1234", done % "1,234", done % "1235", done % "24", done % "48"]
+    assert ar.completion_reward(answers, [raw] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert ar.completion_reward([done % "-7"], ["#### -7"]) == [1.0]
+
+
+def test_completion_reward_rejects_bad_input():
+    with pytest.raises(ValueError, match="3 completions but 2 answers"):
+        ar.completion_reward(completions=["a", "b", "c"], answer=["1", "2"])
+    with pytest.raises(TypeError, match="a string or a list of chat messages"):
+        ar.completion_reward(completions=[{"role": "assistant", "content": "x</think>\\boxed{1}"}], answer=["1"])
 
 
 # ----------------------------------------------------------------------------
@@ -1189,6 +1241,7 @@ MATCH_CASES = [
     ("exact", "\\text{odd}", "\\text{oddd}", False),
     ("exact", "yes", "sey", False),
     ("exact", "f'", "f'", True),
+    ("exact", "\\text{odd}.", "odd", True),  # a full stop ends the answer
     ("_replace_all", "\\$18", "18", True),
     ("_replace_all", "$18$", "18", True),
     ("_replace_all", "\\left( 1, 2 \\right)", "(1,2)", True),
@@ -1210,22 +1263,27 @@ MATCH_CASES = [
     ("_unwrap_text", "\\text{(A)}", "(A)", True),
     ("_unwrap_text", "18\\ \\text{dollars}", "18", True),
     ("_unwrap_text", "2 \\text{ hours } 30 \\text{ minutes}", "230", False),  # text never glues numbers
+    ("_unwrap_text", "2\\text{h}30", "230", False),  # not even without spaces around it
     ("_drop_trailing_unit", "18 dollars", "18", True),
     ("_drop_trailing_unit", "50 km/h", "50", True),
     ("_drop_trailing_unit", "9.8 m/s^2", "9.8", True),
     ("_drop_trailing_unit", "10 square units", "10", True),
     ("_drop_trailing_unit", "18 dollars", "19", False),
+    ("_drop_trailing_unit", "5 x", "5", False),  # one letter is no unit
     ("_drop_approx", "\\frac{\\sqrt{3}}{3} \\approx 0.577", "\\frac{\\sqrt{3}}{3}", True),
     ("_drop_approx", "\\frac{2}{3} \\approx 0.67", "0.67", False),
+    ("_drop_approx", "\\approx 0.577", "0.577", True),
     ("_choice_letter", "\\text{(A)}", "A", True),
     ("_choice_letter", "C. x = 42", "C", True),
     ("_choice_letter", "(B)", "C", False),
+    ("_choice_letter", "\\text{Bob}", "B", False),
     # several answers: "and" lists, \pm, sets
     ("_join_words", "6 \\text{ and } 8", "6,8", True),
     ("_join_words", "4 and 9", "9, 4", True),
     ("_join_words", "7, -2, \\text{ and } -5", "-5,-2,7", True),
     ("_join_words", "x < 0 \\text{ or } x > 1", "(-\\infty, 0) \\cup (1, \\infty)", True),
     ("_join_words", "12 \\text{ and } 5", "125", False),  # a list, not the digits glued
+    ("_join_words", "3 floors", "3", True),  # "or" inside a word joins nothing
     ("_plus_minus", "1 \\pm \\sqrt{2}", "1+\\sqrt{2}, 1-\\sqrt{2}", True),
     ("_plus_minus", "x = \\pm 3", "3, -3", True),
     ("_plus_minus", "\\pm 3", "3", False),
@@ -1234,6 +1292,7 @@ MATCH_CASES = [
     ("set", "\\{5\\}", "5", True),
     ("set", "4, 9", "4", False),
     ("set", "\\sqrt{67},-\\sqrt{85}", "\\sqrt{67}", False),
+    ("set", "\\{1, 2\\}", "\\{1, 2, 3\\}", False),
     # numbers: thousands separators, mixed numbers, exponents, percent, tolerance
     ("_drop_thousands", "1,000", "1000", True),
     ("_drop_thousands", "1000", "1,000", True),
@@ -1246,6 +1305,7 @@ MATCH_CASES = [
     ("_drop_thousands", "1,0000", "10000", False),  # not groups of three: a list
     ("_drop_thousands", "10,00", "1000", False),
     ("_drop_thousands", "(1,000)", "1000", False),  # a tuple
+    ("_drop_thousands", "1,000, 7", "1000", False),  # the whole answer, not its start
     ("_drop_thousands", "1 2", "12", False),  # a space never glues digits
     ("_mixed_numbers", "918\\frac{1}{2}", "918.5", True),
     ("_mixed_numbers", "2\\frac{5}{8}", "2.625", True),
@@ -1255,6 +1315,8 @@ MATCH_CASES = [
     ("_mixed_numbers", "918\\frac{1}{2}", "459", False),  # not 918 * 1/2
     ("_mixed_numbers", "2\\frac{1}{2}", "1", False),
     ("_mixed_numbers", "x^2\\frac{1}{2}", "\\frac{x^2}{2}", True),  # an exponent is no whole part
+    ("_mixed_numbers", "x + 12/5", "x + \\frac{12}{5}", True),  # 12/5 is not 1 2/5
+    ("_mixed_numbers", "(12/5, 1)", "(2.4, 1)", True),
     ("number", "18.00", "18", True),
     ("number", ".185", "0.185", True),
     ("number", "1e6", "1000000", True),
@@ -1264,12 +1326,16 @@ MATCH_CASES = [
     ("number", "192000001", "192000000", False),
     ("number", "99", "100", False),
     ("number", "-5", "- 5", True),
+    ("number", "7.", "7", True),  # a full stop, not a decimal point: still exact
+    ("number", "1000001.", "1000000", False),
+    ("number", "1000001.", "2000001/2", False),
     ("percent", "50\\%", "50", True),
     ("percent", "10\\%", "0.1", True),
     ("percent", "50%", "0.5 \\cdot 100", True),
     ("percent", "25\\%", "2.5", False),
     ("percent", "0.25", "25", False),  # no % sign, no percent reading
-    ("tolerance", "0.333333", "\\frac{1}{3}", True),  # a rounded decimal: 1e-6 relative
+    # a decimal: within half a unit of its last written digit AND 1e-6 relative
+    ("tolerance", "0.333333", "\\frac{1}{3}", True),
     ("tolerance", "1.41421356", "\\sqrt{2}", True),
     ("tolerance", "0.333", "\\frac{1}{3}", False),
     ("tolerance", "0.9999", "1", False),
@@ -1277,15 +1343,37 @@ MATCH_CASES = [
     ("tolerance", "\\sqrt{2}", "1.41", False),
     ("tolerance", "\\pi", "3.14", False),
     ("tolerance", "5", "5.001", False),
+    ("tolerance", "1000001.0", "1000000", False),  # 1e-6 relative alone would pay these
+    ("tolerance", "\\$1000001.00", "1000000", False),
+    ("tolerance", "6868664.00", "6868663", False),
+    ("tolerance", "999999.5", "1000000", False),
+    ("tolerance", "100000010.0\\%", "1000000", False),
+    ("tolerance", "(1000001.0, 2)", "(1000000, 2)", False),
+    ("tolerance", "1000001.0x", "1000000x", False),
+    ("tolerance", "1414214.0", "1000000\\sqrt{2}", False),
+    ("tolerance", "3.1415926", "\\pi", False),  # pi is 3.14159265...: rounds to 3.1415927
+    ("tolerance", "1000000.0", "1000000", True),
+    ("tolerance", "1414213.56", "1000000\\sqrt{2}", True),
+    ("tolerance", "3.1415927", "\\pi", True),
+    ("tolerance", "2.50", "2.5", True),  # two decimals match only if equal
+    ("tolerance", "0.5", "0.45", False),
+    ("tolerance", "1000000.5", "1000000.45", False),
+    ("tolerance", "1.41421356e6", "1000000\\sqrt{2}", True),  # its last digit is the 100ths
+    ("tolerance", "1.5e3", "1500", True),
     # the parser: fractions, powers, roots, algebra
     ("parse", "0.5", "\\frac{1}{2}", True),
     ("parse", "\\tfrac{3}{4}", "\\frac34", True),
     ("parse", "2^{10}", "1024", True),
     ("parse", "2^{-1}", "0.5", True),
+    ("parse", "2^-1", "0.5", True),
+    ("parse", "2^3^2", "512", True),  # right-associative
     ("parse", "\\sqrt{8}", "2\\sqrt{2}", True),
     ("parse", "\\sqrt[3]{27}", "3", True),
     ("parse", "\\frac{\\sqrt{3}}{2}", "\\frac{1}{2}\\sqrt{3}", True),
     ("parse", "\\sqrt{2}+\\sqrt{3}", "\\sqrt{5+2\\sqrt{6}}", True),
+    ("parse", "(2-\\sqrt{2})(8-5\\sqrt{3})", "16-8\\sqrt{2}-10\\sqrt{3}+5\\sqrt{6}", True),  # 30-digit rounding
+    ("parse", "(\\sqrt{2}-1)(\\sqrt{2}+1)-1", "0", True),
+    ("parse", "\\sqrt{2}+\\sqrt{3}-\\sqrt{5+2\\sqrt{6}}", "0", True),
     ("parse", "x^{2}", "x^2", True),
     ("parse", "2x+3", "3+2x", True),
     ("parse", "x(x+1)", "x^2+x", True),
@@ -1302,6 +1390,8 @@ MATCH_CASES = [
     ("parse", "x^2", "2x", False),
     ("parse", "x", "y", False),
     ("parse", "\\frac{1}{0}", "\\frac{2}{0}", False),
+    ("parse", "17x", "13", False),  # equal at x = 13/17 only
+    ("parse", "\\frac{1}{(17x-13)(19x-23)}", "\\frac{1}{(17x-13)(19x-23)} + 11x - 7", False),  # one point is too few
     # tuples, intervals, matrices, ratios
     ("tuple", "(1, 2)", "(1,2)", True),
     ("tuple", "(1, \\frac{1}{2})", "(1, 0.5)", True),
@@ -1309,6 +1399,7 @@ MATCH_CASES = [
     ("tuple", "(1,2)", "(2,1)", False),
     ("tuple", "2, 1", "(1, 2)", False),
     ("tuple", "[1,2]", "(1,2)", False),
+    ("tuple", "(1, 2).", "(1,2)", True),
     ("interval", "[1, 2)", "[1,2)", True),
     ("interval", "(-\\infty, 3]", "(-\\infty,3]", True),
     ("interval", "(-\\infty, 0) \\cup (1, \\infty)", "(-\\infty,0)\\cup(1,\\infty)", True),
@@ -1342,6 +1433,7 @@ MATCH_CASES = [
     ("equation", "2x - y = 3", "y = 2x - 3", True),
     ("equation", "-34x-45y+20z-100=0", "34x+45y-20z+100=0", True),
     ("equation", "\\frac{12}{4} = 3", "3", True),  # a true equation between constants is its value
+    ("equation", "\\frac{12}{4} = 4", "3", False),  # a false one is not
     ("equation", "x = 1, y = 2", "1, 2", True),
     ("equation", "0", "a + 3z = 0", False),  # only a lone variable names the answer
     ("equation", "1", "2x + z = 1", False),
@@ -1392,6 +1484,13 @@ def test_each_rule_is_needed(rule, monkeypatch: pytest.MonkeyPatch) -> None:
     ("**Final Answer**\n\\boxed{1} and \\boxed{12", None),
     ("**Final Answer**\nThe answer is 12.", None),
     ("**Final Answer**\n\nfirst paragraph\n\n\\boxed{3}", None),
+    ("**Final Answer**\n\n\\boxed{5}", "5"),                             # blank lines after the heading skipped
+    ("**Final Answer**\n \t\n \\boxed{5}", "5"),
+    ("**Final Answer**\nIt is 7.\n \n\\boxed{8}", None),               # a line of spaces ends the paragraph
+    ("**Final Answer**\n\\boxed{7}\n\t\n\\boxed{8}", "7"),
+    ("**Final Answer**\r\nIt is 7.\r\n\r\n\\boxed{8}", None),
+    ("**Final Answer**\n\\boxed{7}\n\n**Final Answer**\n\\boxed{8}", "7"),    # the first heading
+    ("**Final Answer**\n\\boxed{\\left\\{x\\right.}", "\\left\\{x\\right."),   # an escaped brace is no brace
     ("", None),
 ])
 def test_extract_answer(text: str, expected: str | None) -> None:

@@ -93,7 +93,16 @@ vLLM on 8 GPUs, is followed where it and the paper differ):
     micro-batch's mean, which makes it the sum over trained tokens divided by
     mini-batch traces x the padded response length (10176 in their runs).
  4. The answer checker builds sympy expressions with its own small parser and
-    never calls `sympify`/`parse_expr` (they `eval` model text).
+    never calls `sympify`/`parse_expr` (they `eval` model text). Boxes joined by
+    ",", "and" or "or" are one list where the authors take the last box (the
+    hedge "\\boxed{6} and \\boxed{8}" is not 8). Integers and fractions compare
+    exactly; a written decimal matches a value within half a unit of its last
+    digit and within 1e-6 of it, relative, and two decimals only if equal (the
+    authors' grader has no tolerance). The "**Final Answer**" paragraph starts
+    after any whitespace following the heading, blank lines included, and a line
+    of spaces or tabs ends it; the authors split the summary at "\\n\\n" only and
+    need the heading's own line to go on, so there a summary that opens with a
+    blank line scores 0, and a line of spaces does not end the paragraph.
  5. Summary advantage "grpo" with A > 1 trains all A summaries of the last
     budget; the authors' code trains only the last of them (no paper run uses
     that combination).

@@ -735,6 +735,7 @@ calls = {   # name -> arguments, run on the copied piece and on the module
     "extract_answer": [("**Final Answer**\nso \\boxed{\\frac{3}{4}}",), ("\\boxed{1} and \\boxed{2}",)],
     "answers_match": [("\\frac{3}{4}", "0.75"), ("1000001", "1000000"), ("x = 5", "5")],
     "score_summary": [("The answer is \\boxed{18}.", "18"), ("</think> \\boxed{18}", "18")],
+    "completion_reward": [(["a</think>\n\n**Final Answer**\n\\boxed{18}", "\\boxed{18}</think>"], ["#### 18"] * 2)],
     "thinking_advantages": [(r, p, m) for m in ("brpo", "grpo", "v1", "none")],
     "summary_advantages": [(scores, m, index) for m in ("brpo", "grpo")] + [(scores[..., :1], "brpo")],
     "pooled_scores": [(scores, index)], "returns_to_go": [(r, p)], "v1_baseline": [(r, p)],

@@ -1942,3 +1942,138 @@ def test_format_prompt_opens_thinking_once():
     tok.chat_template = "{{ messages[0]['content'] }}{{ '<|Assistant|><think>\\n' }}"  # R1-Distill opens it
     p = ar.format_prompt(tok, "2+2?")
     assert p.endswith("<|Assistant|><think>\n") and p.count("<think>\n") == 1
+
+
+# ----------------------------------------------------------------------------
+# Distributed: torchrun with 2 CPU processes (gloo) makes the one-process run
+# ----------------------------------------------------------------------------
+
+_ROLLOUT = ar.rollout
+
+
+def per_question_rollout(model, tokenizer, prompts, *args, **kwargs):
+    """ar.rollout with each question sampled from its own seed (the crc32 of its prompt): the same
+    traces whichever process samples it, with whichever other questions."""
+    import zlib
+    parts = []
+    for p in prompts:
+        torch.manual_seed(zlib.crc32(p.encode()))
+        parts.append(_ROLLOUT(model, tokenizer, [p], *args, **kwargs))
+    cat = lambda k: torch.cat([getattr(r, k) for r in parts])
+    join = lambda k: [x for r in parts for x in getattr(r, k)]
+    return ar.Rollout(parts[0].budgets, join("prompt_ids"), join("think_ids"), cat("closed"), cat("ended_eos"),
+                      cat("cuts"), cat("truncated"), cat("prompt_index"), join("summary_ids"),
+                      join("summary_text"), {k: sum(r.seconds[k] for r in parts) for k in parts[0].seconds})
+
+
+def scripted_scores(ro, truths):
+    """A summary scores 1 when the crc32 of its text is even: rewards of every kind from a model
+    that knows nothing."""
+    import zlib
+    return torch.tensor([[[[float(zlib.crc32(text.encode()) % 2 == 0) for text in budget] for budget in trace]
+                          for trace in question] for question in ro.summary_text])
+
+
+TORCHRUN_DRIVER = """
+import sys
+sys.path.insert(0, {here!r})
+import anytime_reasoner as ar, train_small as ts, test_anytime_reasoner as t
+ar.rollout, ar.score_rollout = t.per_question_rollout, t.scripted_scores
+ts.main(sys.argv[1:])
+"""
+
+
+def start_torchrun(tmp_path, *flags, nproc=2):
+    """`torchrun --standalone --nproc_per_node 2 train_small.py FLAGS`, with the rollouts and scores
+    above (the README's command, through a driver that patches them in)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(TORCHRUN_DRIVER.format(here=HERE))
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(nproc), str(driver), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def tiny_gsm8k(tmp_path) -> str:
+    """8 training and 5 test questions in GSM8K's format, in characters the tiny tokenizer knows."""
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    pairs = [(a, b) for a, b in [(2, 3), (5, 4), (7, 1), (3, 3), (6, 2), (1, 8), (9, 9), (4, 7), (2, 2), (8, 1),
+                                 (5, 5), (3, 6), (7, 7)]]
+    lines = [json.dumps({"question": f"tom has {a} apples and gets {b} more. how many apples?",
+                         "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) for a, b in pairs]
+    (folder / "train.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(lines[8:]) + "\n")
+    return str(folder)
+
+
+def assert_same_run(one, many, steps):
+    """The logs and the checkpoint of a one-process run and a torchrun run agree: every metric
+    (all but timings) and every evaluation; the weights and AdamW state to float tolerance."""
+    from safetensors.torch import load_file
+    rows_one, rows_many = jsonl_rows(one / "metrics.jsonl"), jsonl_rows(many / "metrics.jsonl")
+    assert [r["step"] for r in rows_many] == [r["step"] for r in rows_one] == list(range(1, steps + 1))
+    # summed in another order over the ranks: one unit of the last logged digit
+    last_digit = {"clipfrac": 1e-4, "grad_norm": 1e-4, "approx_kl": 1e-6}
+    for a, b in zip(rows_one, rows_many):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k in last_digit:
+                assert abs(a[k] - b[k]) <= 1.01 * last_digit[k], (a["step"], k, a[k], b[k])
+            elif not (k.startswith("s_") or k == "gen_tok_s"):
+                assert a[k] == b[k], (a["step"], k, a[k], b[k])
+    assert jsonl_rows(one / "eval.jsonl") == jsonl_rows(many / "eval.jsonl")
+    w1, w2 = load_file(one / "ckpt" / "model.safetensors"), load_file(many / "ckpt" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
+    s1, s2 = (torch.load(d / "ckpt" / "trainer_state.pt", weights_only=False) for d in (one, many))
+    assert (s1["step"], s1["data_pos"]) == (s2["step"], s2["data_pos"]) == (steps, 4 * steps)
+    o1, o2 = s1["optimizer"], s2["optimizer"]
+    assert o1["param_groups"] == o2["param_groups"] and o1["state"].keys() == o2["state"].keys()
+    for i in o1["state"]:
+        assert float(o1["state"][i]["step"]) == float(o2["state"][i]["step"])
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(o1["state"][i][k], o2["state"][i][k], rtol=1e-4, atol=1e-9), (i, k)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo and SIGINT")
+def test_torchrun_two_processes_make_the_one_process_run(tmp_path, monkeypatch, capsys):
+    """torchrun --nproc_per_node 2 on the CPU (gloo), each question's traces fixed by its own seed
+    so that both runs sample the same ones, against one process:
+    1. two processes, stopped by Ctrl-C after step k >= 1: every rank stops after the same step,
+       rank 0 alone saves and writes each log line once, and says in one line how to continue;
+    2. one process, k steps: the same metrics (computed over both ranks' questions), evaluations
+       (5 prompts split 3 + 2), weights and AdamW state as the two processes;
+    3. two processes with --fsdp resume the two-process checkpoint for one more step: the same
+       as one process resuming its own.
+    4 questions x 2 traces and 3 updates per step: one update holds one rank's traces only, one
+    question is split between two updates, the ranks run unequal numbers of micro-batches."""
+    import shutil
+    import signal
+    common = ["--model", tiny_model_dir(tmp_path), "--data-dir", tiny_gsm8k(tmp_path), "--max-think", "16",
+              "--questions-per-step", "4", "--traces", "2", "--summary-max-tokens", "4", "--updates-per-rollout", "3",
+              "--micro-batch", "1", "--lr", "1e-2", "--eval-size", "5", "--eval-every", "1", "--eval-grid", "8",
+              "--save-every", "1000", "--device", "cpu"]
+    two, one, fsdp = tmp_path / "two", tmp_path / "one", tmp_path / "fsdp"
+    proc = start_torchrun(tmp_path, *common, "--steps", "1000", "--out-dir", str(two))
+    wait_for(proc, "step    1 |")
+    proc.send_signal(signal.SIGINT)            # to torchrun, which passes it to both ranks, as Ctrl-C does
+    out, err = proc.communicate(timeout=300)
+    assert "[rank" not in err, err[-3000:]     # no traceback from a rank
+    assert out.count("Ctrl-C: saving") == 1, out
+    k = torch.load(two / "ckpt" / "trainer_state.pt", weights_only=False)["step"]
+    assert f"stopped at step {k}; continue with: torchrun --nproc_per_node N train_small.py --resume " \
+           f"{two / 'ckpt'}" in out and out.count("stopped at step") == 1
+
+    patch = dict(rollout=per_question_rollout, score_rollout=scripted_scores)
+    for name, fn in patch.items():
+        monkeypatch.setattr(ar, name, fn)
+    ts.main(common + ["--steps", str(k), "--out-dir", str(one)])
+    assert_same_run(one, two, k)
+
+    shutil.copytree(two, fsdp)
+    proc = start_torchrun(tmp_path, "--resume", str(fsdp / "ckpt"), "--out-dir", str(fsdp), "--steps", str(k + 1),
+                          "--fsdp")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    ts.main(["--resume", str(one / "ckpt"), "--steps", str(k + 1)])
+    assert_same_run(one, fsdp, k + 1)

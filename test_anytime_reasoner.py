@@ -1983,13 +1983,22 @@ ts.main(sys.argv[1:])
 """
 
 
-def start_torchrun(tmp_path, *flags, nproc=2):
-    """`torchrun --standalone --nproc_per_node 2 train_small.py FLAGS`, with the rollouts and scores
-    above (the README's command, through a driver that patches them in)."""
+def readme_torchrun_commands() -> list[list[str]]:
+    """The torchrun commands of the README's section "When one GPU is not enough", as words."""
+    section = Path(HERE, "README.md").read_text().split("## When one GPU is not enough")[1].split("\n## ")[0]
+    block = section.split("```bash\n")[1].split("```")[0]
+    return [line.split("  #")[0].split() for line in block.splitlines() if line.startswith("torchrun")]
+
+
+def start_torchrun(tmp_path, *flags):
+    """The README's CPU command, `torchrun ... train_small.py --device cpu`, with FLAGS added, and
+    with a driver in place of train_small.py that patches in the rollouts and scores above."""
     driver = tmp_path / "driver.py"
     driver.write_text(TORCHRUN_DRIVER.format(here=HERE))
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             str(nproc), str(driver), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    words = next(c for c in readme_torchrun_commands() if "cpu" in c)
+    at = words.index("train_small.py")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *words[1:at], str(driver),
+                             *words[at + 1:], *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -2052,7 +2061,7 @@ def test_torchrun_two_processes_make_the_one_process_run(tmp_path, monkeypatch, 
     common = ["--model", tiny_model_dir(tmp_path), "--data-dir", tiny_gsm8k(tmp_path), "--max-think", "16",
               "--questions-per-step", "4", "--traces", "2", "--summary-max-tokens", "4", "--updates-per-rollout", "3",
               "--micro-batch", "1", "--lr", "1e-2", "--eval-size", "5", "--eval-every", "1", "--eval-grid", "8",
-              "--save-every", "1000", "--device", "cpu"]
+              "--save-every", "1000", "--device", "cpu"]  # --device cpu: as the README's command
     two, one, fsdp = tmp_path / "two", tmp_path / "one", tmp_path / "fsdp"
     proc = start_torchrun(tmp_path, *common, "--steps", "1000", "--out-dir", str(two))
     wait_for(proc, "step    1 |")
@@ -2077,3 +2086,61 @@ def test_torchrun_two_processes_make_the_one_process_run(tmp_path, monkeypatch, 
     assert proc.returncode == 0, err[-3000:]
     ts.main(["--resume", str(one / "ckpt"), "--steps", str(k + 1)])
     assert_same_run(one, fsdp, k + 1)
+
+
+def test_the_readme_torchrun_commands_are_valid(tmp_path, monkeypatch):
+    """Every torchrun command of the README parses with torchrun's own parser, and its flags pass
+    train_small.py's checks for that many processes (the CPU one is run by the test above)."""
+    from torch.distributed.run import parse_args as torchrun_args
+    monkeypatch.chdir(tmp_path)     # for `--resume out/ckpt`: a checkpoint there
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
+    ts.save_checkpoint("out/ckpt", model, tok, torch.optim.AdamW(model.parameters()), 1, 16, ts.parse_args([]))
+    commands = readme_torchrun_commands()
+    assert len(commands) == 5 and any("cpu" in c for c in commands) and any("--fsdp" in c for c in commands)
+    for words in commands:
+        launch = torchrun_args(words[1:])
+        assert launch.training_script == "train_small.py"
+        monkeypatch.setattr(ts, "WORLD", int(launch.nproc_per_node) * int(str(launch.nnodes).split(":")[-1]))
+        ts.check_distributed(ts.parse_args(launch.training_script_args))   # exits on a refused flag
+
+
+@pytest.mark.parametrize("B, G, U, micro, world", [(4, 2, 3, 1, 2), (6, 3, 2, 2, 3), (8, 1, 4, 3, 4),
+                                                   (4, 2, 1, 5, 1), (2, 4, 3, 2, 2), (8, 2, 5, 2, 8)])
+def test_each_trace_is_trained_once_by_the_process_of_its_question(B, G, U, micro, world):
+    """rl_step's split: process r of N takes questions r, r + N, ... (its rows 0, 1, ...); in every
+    mini-batch of the whole step, the traces the processes train are that mini-batch's, each once,
+    each by the process of its question, in micro-batches of at most `micro`."""
+    traces = [(b, g) for b in range(B) for g in range(G)]
+    for u in range(U):
+        minibatch = traces[u * len(traces) // U:(u + 1) * len(traces) // U]
+        trained = []
+        for rank in range(world):
+            questions = list(range(rank, B, world))
+            for m in ts.my_traces(minibatch, micro, rank, world):
+                assert 1 <= len(m) <= micro
+                trained += [(questions[i], g) for i, g in m]
+        assert sorted(trained) == sorted(minibatch)
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--questions-per-step", "3"], 2, "--questions-per-step 3 must be a multiple of the 2 processes"),
+    (["--demo"], 2, "--demo runs in one process"),
+    (["--device", "mps"], 2, "under torchrun use auto, cuda"),
+    (["--fsdp", "--kl-coef", "0.1"], 2, "--fsdp with --kl-coef > 0"),
+    (["--fsdp"], 1, "torchrun --nproc_per_node N train_small.py --fsdp"),
+])
+def test_torchrun_input_is_one_clear_line(argv, world, message, monkeypatch, capsys):
+    monkeypatch.setattr(ts, "WORLD", world)
+    with pytest.raises(SystemExit) as e:
+        ts.check_distributed(ts.parse_args(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err
+
+
+def test_only_the_first_process_of_a_machine_says_the_error(monkeypatch, capsys):
+    """Under torchrun every process meets the same bad flag: all exit with 2, one line per machine."""
+    monkeypatch.setattr(ts, "LOCAL_RANK", 1)
+    with pytest.raises(SystemExit) as e:
+        ts.parse_args(["--steps", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""

@@ -741,10 +741,10 @@ def gather_rows(mine: list[int], total: int, *tensors: torch.Tensor) -> list[tor
         return list(tensors)
     parts = [None] * WORLD
     dist.all_gather_object(parts, (mine, [t.cpu() for t in tensors]))
-    order = torch.tensor([i for idx, _ in parts for i in idx]).argsort()
-    out = [torch.cat([p[1][k] for p in parts])[order] for k in range(len(tensors))]
-    assert all(len(x) == total for x in out), "a question was gathered twice or not at all"
-    return out
+    rows = [i for idx, _ in parts for i in idx]
+    assert sorted(rows) == list(range(total)), "each row must come from exactly one rank"
+    order = torch.tensor(rows).argsort()
+    return [torch.cat([p[1][k] for p in parts])[order] for k in range(len(tensors))]
 
 
 def my_traces(minibatch: list[tuple[int, int]], micro_batch: int, rank: int, world: int) -> list[tuple]:

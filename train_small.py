@@ -687,7 +687,8 @@ def init_distributed(device: torch.device) -> torch.device:
         device = torch.device("cuda", LOCAL_RANK)
         torch.cuda.set_device(device)
     # a rank may wait for the others' rollouts or rank 0's checkpoint: 30 minutes, not NCCL's 10
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                            device_id=device if device.type == "cuda" else None)
     atexit.register(dist.destroy_process_group)
     if RANK != 0:
         sys.stdout = open(os.devnull, "w")
@@ -785,9 +786,12 @@ def shard_model(model, device: torch.device):
     the ranks as without --fsdp (not averaged)."""
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
     except ImportError:
         die(f"--fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}")
+    for method in ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms"):
+        if not hasattr(FSDPModule, method):
+            die(f"--fsdp needs a torch whose FSDP2 has {method} (tested: 2.13); this is torch {torch.__version__}")
     mesh = init_device_mesh(device.type, (WORLD,))
     layers = getattr(model, "_no_split_modules", None) or ()  # transformers names its decoder layers
     for m in list(model.modules()):

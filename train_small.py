@@ -6,7 +6,7 @@
     python train_small.py --data-dir ../shared/gsm8k       # local GSM8K (else downloaded once)
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
     python train_small.py --demo                           # CPU, offline, ~3 minutes: see the effect
-    torchrun --nproc_per_node 8 train_small.py [flags]     # one run on 8 GPUs (README: When one GPU is not enough)
+    torchrun --standalone --nproc_per_node 8 train_small.py  # one run on 8 GPUs (README: When one GPU is not enough)
     python train_small.py --help                           # every flag, its unit, default and demo value
 
 The algorithm lives in anytime_reasoner.py; this file is plumbing (arguments,
@@ -1148,7 +1148,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step, data_pos = 0, 0
     if args.resume:
-        state = torch.load(os.path.join(args.resume, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(args.resume, "trainer_state.pt"), weights_only=False,
+                           map_location="cpu")  # distributed: every rank reads it, not all onto one GPU
         load_optimizer_state(model, optimizer, state["optimizer"])  # distributed --fsdp: each rank its shard
         for group in optimizer.param_groups:  # the saved ones, unless --lr or --weight-decay was given
             group.update(lr=args.lr, weight_decay=args.weight_decay)

@@ -2057,7 +2057,8 @@ def assert_same_run(one, many, steps):
             assert torch.allclose(o1["state"][i][k], o2["state"][i][k], rtol=1e-4, atol=1e-9), (i, k)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo and SIGINT")
+@pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(),
+                    reason="torchrun with gloo, and SIGINT")
 def test_torchrun_two_processes_make_the_one_process_run(tmp_path, monkeypatch, capsys):
     """torchrun --nproc_per_node 2 on the CPU (gloo), each question's traces fixed by its own seed
     so that both runs sample the same ones, against one process:

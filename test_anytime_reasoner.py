@@ -2287,3 +2287,220 @@ def test_format_prompt_opens_thinking_once():
     tok.chat_template = "{{ messages[0]['content'] }}{{ '<|Assistant|><think>\\n' }}"  # R1-Distill opens it
     p = ar.format_prompt(tok, "2+2?")
     assert p.endswith("<|Assistant|><think>\n") and p.count("<think>\n") == 1
+
+
+# ----------------------------------------------------------------------------
+# Distributed: torchrun with 2 CPU processes (gloo) makes the one-process run
+# ----------------------------------------------------------------------------
+
+_ROLLOUT = ar.rollout
+
+
+def per_question_rollout(model, tokenizer, prompts, *args, **kwargs):
+    """ar.rollout with each question sampled from its own seed (the crc32 of its prompt): the same
+    traces whichever process samples it, with whichever other questions."""
+    import zlib
+    parts = []
+    for p in prompts:
+        torch.manual_seed(zlib.crc32(p.encode()))
+        parts.append(_ROLLOUT(model, tokenizer, [p], *args, **kwargs))
+    cat = lambda k: torch.cat([getattr(r, k) for r in parts])
+    join = lambda k: [x for r in parts for x in getattr(r, k)]
+    return ar.Rollout(parts[0].budgets, join("prompt_ids"), join("think_ids"), cat("closed"), cat("ended_eos"),
+                      cat("cuts"), cat("truncated"), cat("prompt_index"), join("summary_ids"),
+                      join("summary_text"), {k: sum(r.seconds[k] for r in parts) for k in parts[0].seconds})
+
+
+def scripted_scores(ro, truths):
+    """A summary scores 1 when the crc32 of its text is even: rewards of every kind from a model
+    that knows nothing."""
+    import zlib
+    return torch.tensor([[[[float(zlib.crc32(text.encode()) % 2 == 0) for text in budget] for budget in trace]
+                          for trace in question] for question in ro.summary_text])
+
+
+TORCHRUN_DRIVER = """
+import os, sys
+sys.path.insert(0, {here!r})
+import anytime_reasoner as ar, train_small as ts, test_anytime_reasoner as t
+ar.rollout, ar.score_rollout = t.per_question_rollout, t.scripted_scores
+with open(os.path.join({pids!r}, os.environ["RANK"]), "w") as f:  # this process's id, by rank
+    f.write(str(os.getpid()))
+ts.main(sys.argv[1:])
+"""
+
+
+def readme_torchrun_commands() -> list[list[str]]:
+    """The torchrun commands of the README's section "When one GPU is not enough", as words."""
+    section = Path(HERE, "README.md").read_text().split("## When one GPU is not enough")[1].split("\n## ")[0]
+    block = section.split("```bash\n")[1].split("```")[0]
+    return [line.split("  #")[0].split() for line in block.splitlines() if line.startswith("torchrun")]
+
+
+def start_torchrun(tmp_path, *flags):
+    """The README's CPU command, `torchrun ... train_small.py --device cpu`, with FLAGS added, and
+    with a driver in place of train_small.py that patches in the rollouts and scores above."""
+    driver, pids = tmp_path / "driver.py", tmp_path / "pids"
+    pids.mkdir(exist_ok=True)
+    driver.write_text(TORCHRUN_DRIVER.format(here=HERE, pids=str(pids)))
+    words = next(c for c in readme_torchrun_commands() if "cpu" in c)
+    at = words.index("train_small.py")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *words[1:at], str(driver),
+                             *words[at + 1:], *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=HERE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def finish(proc, timeout=300) -> tuple[str, str]:
+    """Its output once it ends; a run that hangs is ended (torchrun stops its processes on SIGTERM)."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        proc.communicate(timeout=120)
+        raise
+
+
+def tiny_gsm8k(tmp_path) -> str:
+    """8 training and 5 test questions in GSM8K's format, in characters the tiny tokenizer knows."""
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    pairs = [(a, b) for a, b in [(2, 3), (5, 4), (7, 1), (3, 3), (6, 2), (1, 8), (9, 9), (4, 7), (2, 2), (8, 1),
+                                 (5, 5), (3, 6), (7, 7)]]
+    lines = [json.dumps({"question": f"tom has {a} apples and gets {b} more. how many apples?",
+                         "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) for a, b in pairs]
+    (folder / "train.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    (folder / "test.jsonl").write_text("\n".join(lines[8:]) + "\n")
+    return str(folder)
+
+
+def assert_same_run(one, many, steps):
+    """The logs and the checkpoint of a one-process run and a torchrun run agree: every metric
+    (all but timings) and every evaluation; the weights and AdamW state to float tolerance."""
+    from safetensors.torch import load_file
+    rows_one, rows_many = jsonl_rows(one / "metrics.jsonl"), jsonl_rows(many / "metrics.jsonl")
+    assert [r["step"] for r in rows_many] == [r["step"] for r in rows_one] == list(range(1, steps + 1))
+    # summed in another order over the ranks: one unit of the last logged digit
+    last_digit = {"clipfrac": 1e-4, "grad_norm": 1e-4, "approx_kl": 1e-6}
+    for a, b in zip(rows_one, rows_many):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k in last_digit:
+                assert abs(a[k] - b[k]) <= 1.01 * last_digit[k], (a["step"], k, a[k], b[k])
+            elif not (k.startswith("s_") or k == "gen_tok_s"):
+                assert a[k] == b[k], (a["step"], k, a[k], b[k])
+    assert jsonl_rows(one / "eval.jsonl") == jsonl_rows(many / "eval.jsonl")
+    w1, w2 = load_file(one / "ckpt" / "model.safetensors"), load_file(many / "ckpt" / "model.safetensors")
+    assert w1.keys() == w2.keys()
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
+    s1, s2 = (torch.load(d / "ckpt" / "trainer_state.pt", weights_only=False) for d in (one, many))
+    assert (s1["step"], s1["data_pos"]) == (s2["step"], s2["data_pos"]) == (steps, 4 * steps)
+    o1, o2 = s1["optimizer"], s2["optimizer"]
+    assert o1["param_groups"] == o2["param_groups"] and o1["state"].keys() == o2["state"].keys()
+    for i in o1["state"]:
+        assert float(o1["state"][i]["step"]) == float(o2["state"][i]["step"])
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(o1["state"][i][k], o2["state"][i][k], rtol=1e-4, atol=1e-9), (i, k)
+
+
+@pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(),
+                    reason="torchrun with gloo, and SIGINT")
+def test_torchrun_two_processes_make_the_one_process_run(tmp_path, monkeypatch, capsys):
+    """torchrun --nproc_per_node 2 on the CPU (gloo), each question's traces fixed by its own seed
+    so that both runs sample the same ones, against one process:
+    1. two processes; Ctrl-C (SIGINT) reaches rank 1 only, as on one machine of several: both
+       stop after the same step k >= 1, rank 0 alone saves and writes each log line once, and
+       says in one line how to continue;
+    2. one process, k steps: the same metrics (computed over both ranks' questions), evaluations
+       (5 prompts split 3 + 2), weights and AdamW state as the two processes;
+    3. two processes with --fsdp resume the two-process checkpoint for one more step: the same
+       as one process resuming its own.
+    4 questions x 2 traces and 3 updates per step: one update holds one rank's traces only, one
+    question is split between two updates, the ranks run unequal numbers of micro-batches."""
+    import shutil
+    import signal
+    common = ["--model", tiny_model_dir(tmp_path), "--data-dir", tiny_gsm8k(tmp_path), "--max-think", "16",
+              "--questions-per-step", "4", "--traces", "2", "--summary-max-tokens", "4", "--updates-per-rollout", "3",
+              "--micro-batch", "1", "--lr", "1e-2", "--eval-size", "5", "--eval-every", "1", "--eval-grid", "8",
+              "--save-every", "1000", "--device", "cpu"]  # --device cpu: as the README's command
+    two, one, fsdp = tmp_path / "two", tmp_path / "one", tmp_path / "fsdp"
+    proc = start_torchrun(tmp_path, *common, "--steps", "1000", "--out-dir", str(two))
+    wait_for(proc, "step    1 |")
+    os.kill(int((tmp_path / "pids" / "1").read_text()), signal.SIGINT)
+    out, err = finish(proc)
+    assert not re.search(r"^\[rank\d+\]: ?Traceback", err, re.M), err[-3000:]   # none from a rank
+    assert "Ctrl-C" not in out, out            # rank 1's notice: only rank 0 prints
+    k = torch.load(two / "ckpt" / "trainer_state.pt", weights_only=False)["step"]
+    assert f"stopped at step {k}; continue with: torchrun --nproc_per_node N train_small.py --resume " \
+           f"{two / 'ckpt'}" in out and out.count("stopped at step") == 1
+
+    patch = dict(rollout=per_question_rollout, score_rollout=scripted_scores)
+    for name, fn in patch.items():
+        monkeypatch.setattr(ar, name, fn)
+    ts.main(common + ["--steps", str(k), "--out-dir", str(one)])
+    assert_same_run(one, two, k)
+
+    shutil.copytree(two, fsdp)
+    proc = start_torchrun(tmp_path, "--resume", str(fsdp / "ckpt"), "--out-dir", str(fsdp), "--steps", str(k + 1),
+                          "--fsdp")
+    out, err = finish(proc)
+    assert proc.returncode == 0, err[-3000:]
+    ts.main(["--resume", str(one / "ckpt"), "--steps", str(k + 1)])
+    assert_same_run(one, fsdp, k + 1)
+
+
+def test_the_readme_torchrun_commands_are_valid(tmp_path, monkeypatch):
+    """Every torchrun command of the README parses with torchrun's own parser, and its flags pass
+    train_small.py's checks for that many processes (the CPU one is run by the test above)."""
+    from torch.distributed.run import parse_args as torchrun_args
+    monkeypatch.chdir(tmp_path)     # for `--resume out/ckpt`: a checkpoint there
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
+    ts.save_checkpoint("out/ckpt", model, tok, torch.optim.AdamW(model.parameters()), 1, 16, ts.parse_args([]))
+    commands = readme_torchrun_commands()
+    assert len(commands) == 5 and any("cpu" in c for c in commands) and any("--fsdp" in c for c in commands)
+    for words in commands:
+        launch = torchrun_args(words[1:])
+        assert launch.training_script == "train_small.py"
+        monkeypatch.setattr(ts, "WORLD", int(launch.nproc_per_node) * int(str(launch.nnodes).split(":")[-1]))
+        ts.check_distributed(ts.parse_args(launch.training_script_args))   # exits on a refused flag
+
+
+@pytest.mark.parametrize("B, G, U, micro, world", [(4, 2, 3, 1, 2), (6, 3, 2, 2, 3), (8, 1, 4, 3, 4),
+                                                   (4, 2, 1, 5, 1), (2, 4, 3, 2, 2), (8, 2, 5, 2, 8)])
+def test_each_trace_is_trained_once_by_the_process_of_its_question(B, G, U, micro, world):
+    """rl_step's split: process r of N takes questions r, r + N, ... (its rows 0, 1, ...); in every
+    mini-batch of the whole step, the traces the processes train are that mini-batch's, each once,
+    each by the process of its question, in micro-batches of at most `micro`."""
+    traces = [(b, g) for b in range(B) for g in range(G)]
+    for u in range(U):
+        minibatch = traces[u * len(traces) // U:(u + 1) * len(traces) // U]
+        trained = []
+        for rank in range(world):
+            questions = list(range(rank, B, world))
+            for m in ts.my_traces(minibatch, micro, rank, world):
+                assert 1 <= len(m) <= micro
+                trained += [(questions[i], g) for i, g in m]
+        assert sorted(trained) == sorted(minibatch)
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--questions-per-step", "3"], 2, "--questions-per-step 3 must be a multiple of the 2 processes"),
+    (["--demo"], 2, "--demo runs in one process"),
+    (["--device", "mps"], 2, "under torchrun use auto, cuda"),
+    (["--fsdp", "--kl-coef", "0.1"], 2, "--fsdp with --kl-coef > 0"),
+    (["--fsdp"], 1, "torchrun --nproc_per_node N train_small.py --fsdp"),
+])
+def test_torchrun_input_is_one_clear_line(argv, world, message, monkeypatch, capsys):
+    monkeypatch.setattr(ts, "WORLD", world)
+    with pytest.raises(SystemExit) as e:
+        ts.check_distributed(ts.parse_args(argv))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err and message in err
+
+
+def test_only_the_first_process_of_a_machine_says_the_error(monkeypatch, capsys):
+    """Under torchrun every process meets the same bad flag: all exit with 2, one line per machine."""
+    monkeypatch.setattr(ts, "LOCAL_RANK", 1)
+    with pytest.raises(SystemExit) as e:
+        ts.parse_args(["--steps", "0"])
+    assert e.value.code == 2 and capsys.readouterr().err == ""

@@ -7,6 +7,7 @@
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
     python train_small.py --eval-only --model Qwen/Qwen3-0.6B  # the anytime curve of a model, no training
     python train_small.py --demo                           # CPU, offline, ~3 minutes: see the effect
+    torchrun --standalone --nproc_per_node 8 train_small.py  # one run on 8 GPUs (README: When one GPU is not enough)
     python train_small.py --help                           # every flag, its unit, default and demo value
 
 The algorithm lives in anytime_reasoner.py; this file is plumbing (arguments,
@@ -15,7 +16,10 @@ data, model loading, checkpoints, logging) around one training loop, `train`.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import datetime
+import functools
 import json
 import math
 import os
@@ -31,6 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import anytime_reasoner as ar
 
@@ -97,6 +102,8 @@ class Args:
     think_batch: int = arg(128, "sequences per generate() call for thinking")
     summary_batch: int = arg(512, "sequences per generate() call for summaries")
     chunk_size: int = arg(1024, "positions per chunk of the output layer in the loss")
+    fsdp: bool = arg(False, "under torchrun: shard the fp32 weights, gradients and AdamW state over the "
+                     "ranks (FSDP2); the weights are gathered whole for each rollout and update")
     # the run
     out_dir: str = arg("out", "folder for metrics, evaluations, the figure and the checkpoint "
                        "(--eval-only: out-eval)")
@@ -122,7 +129,8 @@ DEMO = dict(model="(built in code)", max_think=24, summary_max_tokens=6, lr=3e-4
 
 def die(msg: str):
     """One clear line and a non-zero exit; no traceback for a user's mistake."""
-    print(f"error: {msg}", file=sys.stderr)
+    if LOCAL_RANK == 0:  # distributed: every rank stops, one of each machine says why
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -603,13 +611,16 @@ def save_checkpoint(path: str, model, tokenizer, optimizer, step: int, data_pos:
     Never leaves the run without a complete checkpoint: written into path.tmp (args.json last,
     which marks it complete), then path -> path.old, path.tmp -> path, path.old removed. After
     a crash between the two renames, find_checkpoint takes the newest complete one back."""
+    weights, optimizer_state = full_state(model, optimizer)  # distributed --fsdp: gathered on rank 0
+    if RANK != 0:  # distributed: only rank 0 writes
+        return
     tmp, old = path + ".tmp", path + ".old"
     if os.path.isdir(tmp):  # half written by a crash
         shutil.rmtree(tmp)
     with no_hf_bars():
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=weights)  # weights None: the model's own
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "data_pos": data_pos,
+    torch.save({"optimizer": optimizer_state or optimizer.state_dict(), "step": step, "data_pos": data_pos,
                 "rng": rng_state()}, os.path.join(tmp, "trainer_state.pt"))
     with open(os.path.join(tmp, "args.json.part"), "w") as f:
         json.dump(asdict(args), f, indent=1)
@@ -711,17 +722,20 @@ def logged_eval(path: str, step: int) -> dict | None:
 
 
 def append_jsonl(path: str, row: dict):
+    if RANK != 0:  # distributed: only rank 0 writes files
+        return
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
 
 def progress_bar(total: int, desc: str, plain: bool = False):
     """A tqdm bar when tqdm is installed and we are on a terminal; else, if `plain`, a line on
-    stderr at every tenth of `total`; else nothing. Returns (bar or None, update(n))."""
-    if tqdm is not None and sys.stderr.isatty():
+    stderr at every tenth of `total`; else nothing (and nothing on the other ranks of torchrun).
+    Returns (bar or None, update(n))."""
+    if tqdm is not None and sys.stderr.isatty() and WORLD == 1:
         bar = tqdm(total=total, desc=desc, leave=False)
         return bar, bar.update
-    if not plain:
+    if not plain or RANK != 0:
         return None, lambda n: None
     done, shown = 0, 0
 
@@ -746,7 +760,8 @@ def evaluate_model(model, tokenizer, prompts, truths, args: Args, grid: list[int
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device):
         torch.manual_seed(args.seed + 12345)
-        result = ar.evaluate(model, tokenizer, prompts, truths, grid, args.eval_temperature,
+        evaluate_on = ar.evaluate if WORLD == 1 else evaluate_split  # distributed: the prompts split over the ranks
+        result = evaluate_on(model, tokenizer, prompts, truths, grid, args.eval_temperature,
                              args.summary_max_tokens, args.think_batch, args.summary_batch, update)
     if bar:
         bar.close()
@@ -807,6 +822,248 @@ def plot_curves(results: dict[str, dict], path: str, title: str) -> str:
 
 
 # ----------------------------------------------------------------------------
+# Distributed: `torchrun --nproc_per_node N train_small.py ...` (in one process every helper does nothing)
+# ----------------------------------------------------------------------------
+# torchrun starts N copies of this script and gives each its RANK (0..N-1), LOCAL_RANK (its GPU on
+# its machine) and WORLD_SIZE (N). A step's B questions are dealt out: rank r takes b = r, r + N, ...
+# It rolls them out, scores them and computes their advantages (all per question). The PPO
+# mini-batches are the one-process ones, cut from the step's whole trace list; each rank trains its
+# own traces of each, with the same normaliser, and the gradients are summed over the ranks before
+# clipping and the optimiser step: every rank makes the one-process update. The metrics are computed
+# on the gathered batch; only rank 0 prints and writes files.
+
+RANK = int(os.environ.get("RANK", "0"))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", "0"))
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_distributed(args: Args):
+    """What torchrun needs, one line each, before anything heavy loads."""
+    if args.fsdp and WORLD == 1:
+        die("--fsdp shards the model over the processes of torchrun: "
+            "torchrun --nproc_per_node N train_small.py --fsdp ...")
+    if WORLD == 1:
+        return
+    if args.demo:
+        die("--demo runs in one process: python train_small.py --demo")
+    if args.questions_per_step % WORLD:
+        die(f"--questions-per-step {args.questions_per_step} must be a multiple of the {WORLD} processes "
+            f"(each takes the same number of questions)")
+    if args.device not in ("auto", "cpu", "cuda"):
+        die(f"--device {args.device}: under torchrun use auto, cuda (one GPU per process) or cpu")
+    if args.fsdp and args.kl_coef > 0:
+        die("--fsdp with --kl-coef > 0: the reference model is not sharded; use --kl-coef 0 or drop --fsdp")
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the other processes (NCCL between GPUs, gloo on CPUs), one GPU each; only rank 0 prints."""
+    if WORLD == 1:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", LOCAL_RANK)
+        torch.cuda.set_device(device)
+    # a rank may wait for the others' rollouts or rank 0's checkpoint: 30 minutes, not NCCL's 10
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30),
+                            device_id=device if device.type == "cuda" else None)
+    atexit.register(dist.destroy_process_group)
+    if RANK != 0:
+        sys.stdout = open(os.devnull, "w")
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    return device
+
+
+@contextlib.contextmanager
+def machine_rank_zero_first():
+    """The first process of each machine runs the block (a download) before the others."""
+    if WORLD > 1 and LOCAL_RANK != 0:
+        dist.barrier()
+    yield
+    if WORLD > 1 and LOCAL_RANK == 0:
+        dist.barrier()
+
+
+def rank_seed(*keys: int) -> int:
+    """A seed from integers, e.g. (seed, step, rank): independent streams for the ranks."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_sum(*values: float) -> list[float]:
+    """Each value summed over the ranks."""
+    if WORLD == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on one (Ctrl-C: all ranks stop after the same step)."""
+    if WORLD == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_rows(mine: list[int], total: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each rank holds rows `mine` (of `total`) of every tensor; every rank gets all the rows, in order."""
+    if WORLD == 1:
+        return list(tensors)
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, (mine, [t.cpu() for t in tensors]))
+    rows = [i for idx, _ in parts for i in idx]
+    assert sorted(rows) == list(range(total)), "each row must come from exactly one rank"
+    order = torch.tensor(rows).argsort()
+    return [torch.cat([p[1][k] for p in parts])[order] for k in range(len(tensors))]
+
+
+def my_traces(minibatch: list[tuple[int, int]], micro_batch: int, rank: int, world: int) -> list[tuple]:
+    """The traces (b, g) of a mini-batch of the whole step that `rank` of `world` trains, as (row
+    among its own questions, g), in micro-batches: question b is its row b // world. One process:
+    all of them, as they are."""
+    own = [(b // world, g) for b, g in minibatch if b % world == rank]
+    return [tuple(own[i:i + micro_batch]) for i in range(0, len(own), micro_batch)]
+
+
+def sum_gradients(model):
+    """Every gradient summed over the ranks (a rank with no traces in this update adds zeros): each
+    rank then holds the gradient of the whole update. --fsdp sums them itself (shard_model)."""
+    if WORLD == 1 or fsdp_parts(model):
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
+
+def fsdp_parts(model) -> list:
+    """The parts of the model that --fsdp sharded; [] without it."""
+    if WORLD == 1:
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2, and --fsdp says so
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def shard_model(model, device: torch.device):
+    """--fsdp: FSDP2 (fully_shard) on each decoder layer and on the rest (embeddings, output layer):
+    each rank keeps 1/N of the fp32 weights, their gradients and AdamW state, on `device`.
+    whole_weights gathers the weights for a rollout or an update; the gradients are summed over
+    the ranks as without --fsdp (not averaged)."""
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+    except ImportError:
+        die(f"--fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is torch {torch.__version__}")
+    for method in ("set_gradient_divide_factor", "set_force_sum_reduction_for_comms"):
+        if not hasattr(FSDPModule, method):
+            die(f"--fsdp needs a torch whose FSDP2 has {method} (tested: 2.13); this is torch {torch.__version__}")
+    mesh = init_device_mesh(device.type, (WORLD,))
+    layers = getattr(model, "_no_split_modules", None) or ()  # transformers names its decoder layers
+    for m in list(model.modules()):
+        if type(m).__name__ in layers:
+            fully_shard(m, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    for part in fsdp_parts(model):  # gathered and sharded again only by whole_weights
+        part.set_reshard_after_backward(False)
+        part.set_gradient_divide_factor(1.0)  # the sum over the ranks, not the mean
+        part.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied one)
+    # transformers' generate() steps in lockstep with the other ranks for a sharded model (synced_gpus);
+    # each rollout here holds the weights whole (whole_weights), so each rank generates on its own
+    model.generate = functools.partial(model.generate, synced_gpus=False)
+    with torch.no_grad(), whole_weights(model):  # FSDP wants its first forward through the whole model
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+
+
+@contextlib.contextmanager
+def whole_weights(model):
+    """--fsdp: every rank holds all the weights inside (generation and the loss read them as one
+    model; the backward passes still sum the gradients into each rank's shard); sharded again on
+    the way out. Without --fsdp: nothing."""
+    parts = fsdp_parts(model)
+    for part in parts:
+        part.unshard()
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.reshard()
+
+
+def fsdp_idle_passes(model, minibatch: list[tuple[int, int]], micro_batch: int) -> int:
+    """--fsdp: every rank runs as many backward passes as the busiest one (each pass sums the
+    gradients over all ranks); these extra passes add zero. 0 without --fsdp."""
+    if not fsdp_parts(model):
+        return 0
+    busiest = max(len(my_traces(minibatch, micro_batch, r, WORLD)) for r in range(WORLD))
+    return busiest - len(my_traces(minibatch, micro_batch, RANK, WORLD))
+
+
+def full_state(model, optimizer) -> tuple[dict | None, dict | None]:
+    """--fsdp: the whole weights and AdamW state, gathered onto rank 0 (all ranks must call), the
+    optimiser's in the one-process format, so that a run with any N, with or without --fsdp,
+    resumes from it. (None, None) without --fsdp: save the model and optimiser as they are."""
+    if not fsdp_parts(model):
+        return None, None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    state = get_optimizer_state_dict(model, optimizer, options=options)
+    if RANK != 0:
+        return None, None
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}  # the one-process keys
+    buffers = {name for name, _ in model.named_buffers()}
+    weights = {k: v for k, v in weights.items() if k in index or k in buffers}  # tied copies once, as save_pretrained
+    return weights, {"state": {index[k]: v for k, v in state["state"].items()},
+                     "param_groups": optimizer.state_dict()["param_groups"]}  # numbered, as in one process
+
+
+def load_optimizer_state(model, optimizer, saved: dict):
+    """optimizer.load_state_dict(saved); with --fsdp each rank takes its shard of it."""
+    if not fsdp_parts(model):
+        return optimizer.load_state_dict(saved)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = [name for name, _ in model.named_parameters()]
+    full = {"state": {names[i]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):  # as saved (betas a tuple)
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def evaluate_split(model, tokenizer, prompts, truths, budgets, temperature, summary_max_tokens,
+                   think_batch_size, summary_batch_size, progress=None) -> dict:
+    """ar.evaluate with the prompts dealt out over the ranks (b = rank, rank + N, ...) and the
+    scores gathered: the same result on every rank, computed as ar.evaluate does."""
+    torch.manual_seed(rank_seed(torch.initial_seed(), RANK))  # a stream of its own for each rank
+    budgets, mine = ar.check_budgets(budgets), list(range(RANK, len(prompts), WORLD))
+    S = len(budgets)
+    scores, index, think_len = torch.zeros(0, 1, S, 1), torch.zeros(0, 1, S, dtype=torch.long), \
+        torch.zeros(0, 1, dtype=torch.long)                      # a rank may have no prompts
+    with whole_weights(model):
+        if mine:
+            ro = ar.rollout(model, tokenizer, [prompts[b] for b in mine], budgets, 1, 1, temperature,
+                            summary_max_tokens, think_batch_size, summary_batch_size, progress=progress)
+            scores, index, think_len = ar.score_rollout(ro, [truths[b] for b in mine]), ro.prompt_index, ro.think_len
+    scores, index, think_len = gather_rows(mine, len(prompts), scores, index, think_len)
+    acc = ar.anytime_accuracy(scores, index)
+    return {"budgets": budgets, "accuracy": [round(x, 4) for x in acc.tolist()],
+            "anytime_score": round(acc.mean().item(), 4),
+            "mean_think_len": round(think_len.float().mean().item(), 1)}
+
+
+# ----------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------
 
@@ -819,14 +1076,17 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     log-probs are computed once, before the first update, so from the second update on
     the ratio differs from 1 and the clip can act. With one update, old = current
     detached: ratio 1 and no extra forward pass. The loss itself is ar.anytime_loss.
+    Under torchrun this rank rolls out and trains its share of the questions (the Distributed
+    section above); the update and the metrics are those of the whole step.
     """
     B, G, S, A = len(prompts), args.traces, len(args.budgets), args.num_summaries
+    mine = list(range(RANK, B, WORLD))  # distributed: this rank's questions; one process: all
     t0 = time.time()
     # 1. rollout: G traces per question, cut at every budget, A summaries after each cut
     model.eval()
     bar, update = progress_bar(B * G * (1 + S * A), "rollout")
-    with autocast(device):
-        ro = ar.rollout(model, tokenizer, prompts, args.budgets, G, A, args.temperature,
+    with autocast(device), whole_weights(model):
+        ro = ar.rollout(model, tokenizer, [prompts[b] for b in mine], args.budgets, G, A, args.temperature,
                         args.summary_max_tokens, args.think_batch, args.summary_batch,
                         stop_at_box=args.stop_at_box, progress=update)
     if bar:
@@ -834,25 +1094,26 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
     t_gen = time.time() - t0
     gen_tokens = int(ro.think_len.sum()) + sum(len(x) for q in ro.summary_ids for t in q for s in t for x in s)
 
-    # 2. scores and both advantages; row n = b*G + g of thinking_adv / summary_adv is trace (b, g)
+    # 2. scores and both advantages; row n = i*G + g of thinking_adv / summary_adv is trace (mine[i], g)
     t_score = time.time()
-    scores = ar.score_rollout(ro, truths)                                       # B,G,S,A
+    scores = ar.score_rollout(ro, [truths[b] for b in mine])                   # B,G,S,A
     thinking_adv, summary_adv = ar.rollout_advantages(ro, scores, prior, args.thinking_method,
                                                       args.summary_method)      # N,S  N,S,A
     t_update = time.time()
 
-    # 3. mini-batches of traces (one optimiser update each), cut into micro-batches of packed rows
+    # 3. mini-batches of the step's traces (one optimiser update each); this rank's traces of
+    #    each (all of them in one process), cut into micro-batches of packed rows
     traces = [(b, g) for b in range(B) for g in range(G)]
     U = min(args.updates_per_rollout, len(traces))
     minibatches = [traces[u * len(traces) // U:(u + 1) * len(traces) // U] for u in range(U)]
-    micro = [[tuple(mb[i:i + args.micro_batch]) for i in range(0, len(mb), args.micro_batch)] for mb in minibatches]
+    micro = [my_traces(mb, args.micro_batch, RANK, WORLD) for mb in minibatches]
     packed = {m: ar.pack_rollout(ro, tokenizer, list(m)) for mb in micro for m in mb}
-    rows = {m: torch.tensor([b * G + g for b, g in m]) for m in packed}
+    rows = {m: torch.tensor([i * G + g for i, g in m]) for m in packed}
     mask_dtype = torch.bfloat16 if device.type == "cuda" else None  # match autocast's dtype
 
     # 4. old (and reference) log-probs, once per rollout, before any update
     old, ref = {}, {}
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(device), whole_weights(model):
         for m in packed:
             if U > 1:   # with one update the loss is on-policy: old = current, no extra forward
                 old[m] = ar.packed_logprobs(model, packed[m], args.chunk_size, mask_dtype, args.temperature)
@@ -861,30 +1122,41 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
 
     # 5. the updates
     model.train()
+
+    def loss_of(m, normaliser):
+        with autocast(device):
+            return ar.anytime_loss(model, packed[m], thinking_adv[rows[m]], summary_adv[rows[m]], normaliser,
+                                   old.get(m), ref.get(m), args.clip_eps, args.kl_coef, args.temperature,
+                                   args.chunk_size, mask_dtype)
     stats, n_tokens, grad_norms = {"clipfrac": 0.0, "approx_kl": 0.0}, 0, []
     for mb_micro, mb in zip(micro, minibatches):
         optimizer.zero_grad(set_to_none=True)
-        normaliser = len(mb) * args.budgets[-1]   # a constant: traces in this update x largest budget
-        for m in mb_micro:
-            with autocast(device):
-                loss, st = ar.anytime_loss(model, packed[m], thinking_adv[rows[m]], summary_adv[rows[m]],
-                                           normaliser, old.get(m), ref.get(m), args.clip_eps, args.kl_coef,
-                                           args.temperature, args.chunk_size, mask_dtype)
-            loss.backward()
-            for k in stats:
-                stats[k] += st[k] * st["tokens"]
-            n_tokens += st["tokens"]
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        normaliser = len(mb) * args.budgets[-1]   # a constant: traces in this update (all ranks) x largest budget
+        with whole_weights(model):
+            for m in mb_micro:
+                loss, st = loss_of(m, normaliser)
+                loss.backward()
+                for k in stats:
+                    stats[k] += st[k] * st["tokens"]
+                n_tokens += st["tokens"]
+            for _ in range(fsdp_idle_passes(model, mb, args.micro_batch)):  # distributed --fsdp only
+                (loss_of(next(iter(packed)), normaliser)[0] * 0).backward()
+        sum_gradients(model)  # distributed: the gradient of the whole update on every rank
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))  # --fsdp: a DTensor
         optimizer.step()
     t_end = time.time()  # float(clip_grad_norm_) waited for the device
-    stats = {k: v / max(n_tokens, 1) for k, v in stats.items()}  # per trained token, all updates
 
-    r = ar.pooled_scores(scores, ro.prompt_index)                               # B,G,S
+    # distributed: the metrics of the whole step, from every rank's questions in question order
+    clipfrac, approx_kl, n_tokens, gen_tokens = all_sum(stats["clipfrac"], stats["approx_kl"], n_tokens, gen_tokens)
+    stats = {"clipfrac": clipfrac / max(n_tokens, 1), "approx_kl": approx_kl / max(n_tokens, 1)}  # per trained token
+    scores, prompt_index, think_len = gather_rows(mine, B, scores, ro.prompt_index, ro.think_len)
+    r = ar.pooled_scores(scores, prompt_index)                                  # B,G,S
     acc = r.mean((0, 1))                                                        # S
-    var = ar.variance_diagnostics(r.double(), prior.double(), ro.think_len, args.budgets)
+    var = ar.variance_diagnostics(r.double(), prior.double(), think_len, args.budgets)
     dt = time.time() - t0
     return {"reward": round(scores.mean().item(), 4), "acc": [round(x, 3) for x in acc.tolist()],
-            "think_len": round(ro.think_len.float().mean().item(), 1),
+            "think_len": round(think_len.float().mean().item(), 1),
             "clipfrac": round(stats["clipfrac"], 4), "approx_kl": round(stats["approx_kl"], 6),
             "grad_norm": round(sum(grad_norms) / len(grad_norms), 4), "updates": U,
             "gen_tok_s": round(gen_tokens / t_gen, 1), "s_per_step": round(dt, 2),
@@ -907,7 +1179,7 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
     ckpt_path = os.path.join(args.out_dir, f"ckpt{tag}")
     # A fresh run starts its logs afresh, never after an earlier run's; a resumed run drops the
     # rows of steps done after its checkpoint (by a run killed between two saves): each step once.
-    for path in (metrics_path, eval_path):
+    for path in (metrics_path, eval_path) if RANK == 0 else ():  # distributed: only rank 0 writes
         if start_step == 0:
             open(path, "w").close()
         else:
@@ -929,27 +1201,32 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
         print(format_table({f"step {step}": r}))
         return r
 
+    first = result = None
     if start_step == 0:
         first = result = run_eval(0)
-    else:  # resumed: "before" is the step-0 evaluation its first run logged (None if not there)
-        first, result = logged_eval(eval_path, 0), None
+    elif RANK == 0:  # resumed: "before" is the step-0 evaluation its first run logged (None if not there)
+        first = logged_eval(eval_path, 0)
     step = saved = start_step
     interrupted = False
 
     def on_sigint(signum, frame):  # the first Ctrl-C: finish the step in flight, save, then stop
         nonlocal interrupted
         if interrupted:  # the second: stop at once
-            print("\nCtrl-C again: stopped at once, without saving; "
-                  + (f"{ckpt_path} holds step {saved}" if saved else "no checkpoint was saved"), file=sys.stderr)
+            if RANK == 0:
+                print("\nCtrl-C again: stopped at once, without saving; "
+                      + (f"{ckpt_path} holds step {saved}" if saved else "no checkpoint was saved"), file=sys.stderr)
             raise SystemExit(130)
         interrupted = True
         print("\nCtrl-C: saving a checkpoint after this step (press again to stop at once)", flush=True)
     old_handler = signal.signal(signal.SIGINT, on_sigint)
     try:
-        while step < args.steps and not interrupted:
+        # distributed: any_rank(interrupted) is the same on every rank, so all stop after the same step
+        while step < args.steps and not any_rank(interrupted):
             idx = [int(order[(data_pos + i) % len(order)]) for i in range(args.questions_per_step)]
             data_pos += args.questions_per_step
             batch = [train_set[i] for i in idx]
+            if WORLD > 1:  # distributed: each rank samples from its own stream, set by (seed, step, rank)
+                torch.manual_seed(rank_seed(args.seed, step, RANK))
             m = rl_step(model, tokenizer, optimizer, [make_prompt(x["question"]) for x in batch],
                         [x["answer"] for x in batch], args, prior, device, ref_model)
             step += 1
@@ -960,19 +1237,21 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
                   f" | {m['s_per_step']:.1f} s/step", flush=True)
             if step % args.eval_every == 0 or step == args.steps:
                 result = run_eval(step)
-            if step % args.save_every == 0 or step == args.steps or interrupted:
+            if step % args.save_every == 0 or step == args.steps or any_rank(interrupted):
                 save_checkpoint(ckpt_path, model, tokenizer, optimizer, step, data_pos, args)
                 saved = step
-        if interrupted and saved != step:  # Ctrl-C came between the save check and the loop's
+        stopped = any_rank(interrupted)
+        if stopped and saved != step:  # Ctrl-C came between the save check and the loop's
             save_checkpoint(ckpt_path, model, tokenizer, optimizer, step, data_pos, args)
     finally:
         signal.signal(signal.SIGINT, old_handler)
-    if interrupted:
+    if stopped:
+        launch = "python" if WORLD == 1 else "torchrun --nproc_per_node N"  # any N
         print(f"stopped at step {step}; " + ("the demo does not resume: run `python train_small.py --demo` "
               "again (it reuses the warm-up)" if args.demo else
-              f"continue with: python train_small.py --resume {ckpt_path}"))
+              f"continue with: {launch} train_small.py --resume {ckpt_path}"))
         sys.exit(130)
-    return first, result
+    return (first, result) if RANK == 0 else (None, None)  # distributed: rank 0 draws the figure
 
 
 # ----------------------------------------------------------------------------
@@ -1035,6 +1314,8 @@ def main_eval_only(args: Args, device, offline: bool) -> dict:
           f"{len(eval_set)} questions at budgets {grid}", flush=True)
     r = evaluate_model(model, tokenizer, [ar.format_prompt(tokenizer, x["question"]) for x in eval_set],
                        [x["answer"] for x in eval_set], args, grid, plain_progress=True)
+    if RANK != 0:  # distributed: only rank 0 writes files
+        return r
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "eval.jsonl"), "w") as f:
         f.write(json.dumps({"step": step, "model": args.model, "checkpoint": args.resume, **r}) + "\n")
@@ -1048,7 +1329,8 @@ def main_eval_only(args: Args, device, offline: bool) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     check_out_dir(args)
-    device = pick_device(args.device)
+    check_distributed(args)                               # distributed: torchrun's own checks
+    device = init_distributed(pick_device(args.device))   # distributed: one GPU (or CPU) per process
     if args.demo:
         return main_demo(args, device)
     if args.resume and not args.eval_only:  # the logs and the step, before anything heavy loads
@@ -1056,25 +1338,30 @@ def main(argv=None):
         if start_step >= args.steps:
             print(f"nothing to do: the checkpoint is at step {start_step}; pass --steps N with N > {start_step}")
             return
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            drop_rows_after(os.path.join(args.out_dir, name), start_step)
+        if RANK == 0:  # distributed: only rank 0 writes files
+            for name in ("metrics.jsonl", "eval.jsonl"):
+                drop_rows_after(os.path.join(args.out_dir, name), start_step)
     offline = check_hub_model(args.resume or args.model)
     if args.eval_only:
         return main_eval_only(args, device, offline)
-    train_set = load_gsm8k("train", args.data_dir)
-    eval_set = load_gsm8k("test", args.data_dir)[:args.eval_size]
+    with machine_rank_zero_first():                       # distributed: one download per machine
+        train_set = load_gsm8k("train", args.data_dir)
+        eval_set = load_gsm8k("test", args.data_dir)[:args.eval_size]
     seed_everything(args.seed)
-    model, tokenizer = load_model(args.resume or args.model, device, offline)
+    model, tokenizer = load_model(args.resume or args.model, torch.device("cpu") if args.fsdp else device, offline)
     # recompute activations in backward: memory for speed (transformers 5 renamed the method)
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = True  # generate() still uses the KV cache in eval mode
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {device}; "
           f"preset {args.preset}, budgets {args.budgets}, prior {args.prior}")
+    if args.fsdp:
+        shard_model(model, device)                        # distributed: 1/N of the weights on each GPU
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start_step, data_pos = 0, 0
     if args.resume:
-        state = torch.load(os.path.join(args.resume, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(os.path.join(args.resume, "trainer_state.pt"), weights_only=False,
+                           map_location="cpu")  # distributed: every rank reads it, not all onto one GPU
+        load_optimizer_state(model, optimizer, state["optimizer"])  # distributed --fsdp: each rank its shard
         for group in optimizer.param_groups:  # the saved ones, unless --lr or --weight-decay was given
             group.update(lr=args.lr, weight_decay=args.weight_decay)
         start_step, data_pos = state["step"], state["data_pos"]
@@ -1096,5 +1383,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, warm-up, first evaluation)
-        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        if LOCAL_RANK == 0:  # distributed: one line per machine
+            print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)

@@ -9,6 +9,7 @@ forwards; the loss gradient against the REINFORCE form.
 import ast
 import builtins
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -1514,7 +1515,7 @@ def test_demo_ctrl_c_reruns_afresh_and_never_offers_a_real_run(tmp_path, capsys)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "python train_small.py --demo" in out and "--resume" not in out
-    err = exits_with_one_line(["--resume", str(tmp_path / "ckpt-ar-uniform")], capsys)
+    err = exits_with_one_line(["--resume", str(tmp_path / "partial" / "ckpt-ar-uniform")], capsys)
     assert "demo, which does not resume" in err
 
     proc = start_script(*argv)   # again, into the same folder; Ctrl-C twice
@@ -1525,9 +1526,63 @@ def test_demo_ctrl_c_reruns_afresh_and_never_offers_a_real_run(tmp_path, capsys)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("Ctrl-C again: stopped at once")
-    steps = [x["step"] for x in jsonl_rows(tmp_path / "metrics-ar-uniform.jsonl")]
+    steps = [x["step"] for x in jsonl_rows(tmp_path / "partial" / "metrics-ar-uniform.jsonl")]
     assert steps == list(range(1, len(steps) + 1))    # not the first run's steps, then 1, 2, ...
-    assert [x["step"] for x in jsonl_rows(tmp_path / "eval-ar-uniform.jsonl")] == [0]
+    assert [x["step"] for x in jsonl_rows(tmp_path / "partial" / "eval-ar-uniform.jsonl")] == [0]
+
+
+def demo_files(folder) -> dict[str, bytes]:
+    """The files of the demo in folder, by path, with their bytes (not the shared warm-ups, not
+    the unfinished demo in partial/)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and not p.relative_to(folder).parts[0].startswith(("warmup-", "partial"))}
+
+
+def check_one_finished_demo(folder, runs: tuple, steps: int):
+    """demo_results.json, the logs and the checkpoints in folder all belong to one run of `steps`
+    steps of `runs`, and no other run's files are there."""
+    results = json.loads((folder / "demo_results.json").read_text())
+    assert set(results) == {"seed", "steps", "before", *runs} and results["steps"] == steps
+    for run in runs:
+        assert [x["step"] for x in jsonl_rows(folder / f"metrics-{run}.jsonl")] == list(range(1, steps + 1))
+        evals = jsonl_rows(folder / f"eval-{run}.jsonl")
+        assert evals[0]["step"] == 0 and evals[-1]["step"] == steps
+        assert {k: v for k, v in evals[0].items() if k != "step"} == results["before"]
+        assert {k: v for k, v in evals[-1].items() if k != "step"} == results[run]
+        state = torch.load(folder / f"ckpt-{run}" / "trainer_state.pt", weights_only=False)
+        assert state["step"] == steps
+    tops = {name.split("/")[0] for name in demo_files(folder)}
+    figure = "anytime_accuracy." + ("png" if importlib.util.find_spec("matplotlib") else "txt")
+    assert tops == {"demo_results.json", figure} | {f"{kind}-{run}{ext}" for run in runs
+                    for kind, ext in (("metrics", ".jsonl"), ("eval", ".jsonl"), ("ckpt", ""))}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT")
+def test_a_stopped_demo_never_overwrites_a_finished_one(tmp_path):
+    """A demo stopped by Ctrl-C leaves the finished demo in its folder intact, every file; a demo
+    that finishes replaces all of the old one's files (those of another preset too), and both
+    reuse the warm-up."""
+    import signal
+    tiny = ["--demo", "--warmup-steps", "3", "--eval-size", "4", "--questions-per-step", "2", "--traces", "2",
+            "--out-dir", str(tmp_path)]
+    first = run_script(*tiny, "--steps", "2", "--preset", "ar-linear")
+    assert first.returncode == 0, first.stderr[-2000:]
+    check_one_finished_demo(tmp_path, ("ar-linear", "grpo"), 2)
+    finished = demo_files(tmp_path)
+
+    proc = start_script(*tiny, "--steps", "1000")
+    wait_for(proc, "ar-uniform    1 |")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert demo_files(tmp_path) == finished                    # byte for byte
+    assert (tmp_path / "partial" / "metrics-ar-uniform.jsonl").is_file()
+
+    last = run_script(*tiny, "--steps", "1")
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert "holds a finished demo" in last.stdout and "using the warmed-up model" in last.stdout
+    check_one_finished_demo(tmp_path, ("ar-uniform", "grpo"), 1)
+    assert not (tmp_path / "partial").exists() and not (tmp_path / "previous").exists()
 
 
 @pytest.mark.skipif(not os.path.isdir(GSM8K) or sys.platform == "win32", reason="needs GSM8K and kill")

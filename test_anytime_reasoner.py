@@ -1628,12 +1628,9 @@ def test_ablation_table_is_the_seeds_mean_min_and_max():
              "after": ev([0.75 - 0.5 * seed, 0.05 * i], 8.0 + seed), "wall_seconds": 10 + 2 * seed,
              "cpu_seconds": 5.0 + seed, "step_seconds": 4.0, "generated_tokens": 20000 + 1000 * seed}
             for seed in (0, 1) for i, name in enumerate(ts.ABLATION)]
-    warm = [{"budgets": [6, 12], "v1": [1.0, 0.5], "v2": [0.8, None], "brpo": [0.75, 0.25]},
-            {"budgets": [6, 12], "v1": [1.0, 0.7], "v2": [0.6, 0.9], "brpo": [0.25, 0.75]}]
-    for run in runs:
-        if run["preset"] == "ar-uniform":
-            run["variance"] = warm[run["seed"]]
-    s = ts.summarise_ablation(runs, warm)
+    warm = [{"budgets": [6, 12], "v1": [1.0, 0.5], "v2": [0.8, None], "brpo": [0.75, 0.25], "reaching": [10, 1]},
+            {"budgets": [6, 12], "v1": [1.0, 0.7], "v2": [0.6, 0.9], "brpo": [0.25, 0.75], "reaching": [10, 4]}]
+    s = ts.summarise_ablation(runs, {"warmed-up model": warm, "after ar-uniform": warm[::-1]})
     row = s["table"]["ar-uniform"]                  # i = 7: after [0.75, 0.35] and [0.25, 0.35]
     assert row["accuracy"] == [0.5, 0.35] and row["anytime_score"] == 0.425
     assert (row["min"], row["max"]) == pytest.approx((0.3, 0.55)) and row["mean_think_len"] == 8.5
@@ -1645,9 +1642,10 @@ def test_ablation_table_is_the_seeds_mean_min_and_max():
         v = s["variance"][label]
         assert v["v2"] == {"mean": [0.7, 0.9], "min": [0.6, 0.9], "max": [0.8, 0.9]}
         assert v["brpo"] == {"mean": [0.5, 0.5], "min": [0.25, 0.25], "max": [0.75, 0.75]}
+        assert v["reaching"] == [10, 2.5]
     md = ts.ablation_table(s)
     assert "| ar-uniform | 0.50 | 0.35 | **0.425** (0.300–0.550) | 8.5 | 11 | 6 | 20k |" in md
-    assert "| V2 | 0.700 (0.600–0.800) | 0.900 (0.900–0.900) |" in md
+    assert "| V2 | 0.700 (0.600–0.800) | 0.900 (0.900–0.900) |" in md and "| traces reaching the segment | 10 | 2 |" in md
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs kill")
@@ -1677,12 +1675,13 @@ def test_ablation_smoke(tmp_path):
     rows = {n: jsonl_rows(out / "seed3" / n / "metrics.jsonl") for n in ts.ABLATION}
     assert len({json.dumps([m["questions"] for m in r]) for r in rows.values()}) == 1  # the same questions
     assert {n: [len(m["acc"]) for m in r] for n, r in rows.items()} == {n: [p.num_budgets] for n, p in ar.PRESETS.items()}
-    variance = json.loads((out / "seed3" / "variance-warmup.json").read_text())
-    assert variance["budgets"] == [6, 12, 18, 24] and set(variance) >= {"v1", "v2", "brpo"}
-    assert runs["ar-uniform"]["variance"]["budgets"] == [6, 12, 18, 24]
+    variance = {label: [json.loads((out / "seed3" / f"variance-{name}.json").read_text())]
+                for label, name in (("warmed-up model", "warmup"), ("after ar-uniform", "ar-uniform"))}
+    for [v] in variance.values():
+        assert v["budgets"] == [6, 12, 18, 24] and set(v) >= {"v1", "v2", "brpo"} and v["reaching"][0] == 4 * 32
     summary = json.loads((out / "ablation_results.json").read_text())
     assert summary == json.loads(json.dumps({"seeds": [3], **ts.summarise_ablation(
-        [runs[n] for n in ts.ABLATION], [variance])}))
+        [runs[n] for n in ts.ABLATION], variance)}))
     ext = "png" if importlib.util.find_spec("matplotlib") else "txt"
     assert (out / f"ablation_curves.{ext}").is_file() and (out / f"ablation_variance.{ext}").is_file()
     assert "| ar-uniform |" in (out / "ablation_table.md").read_text()

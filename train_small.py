@@ -953,7 +953,8 @@ def variance_on_rollouts(model, tokenizer, eval_set: list[dict], args: Args) -> 
     """The paper's variance figure for one model: VARIANCE_TRACES traces for each of the first
     VARIANCE_QUESTIONS held-out questions, sampled at the training temperature, cut at 4 budgets
     with 4 summaries each (ar-uniform's rollout); Var[R - V] / Var[R] per budget for V = V1, V2
-    and BRPO under the uniform prior, over the traces that reach each segment."""
+    and BRPO under the uniform prior, over the traces that reach each segment (`reaching`);
+    None where fewer than 2 traces reach it or their returns are all equal (Var[R] = 0)."""
     budgets = ar.evenly_spaced_budgets(args.max_think, 4)
     questions = eval_set[:VARIANCE_QUESTIONS]
     model.eval()
@@ -964,8 +965,9 @@ def variance_on_rollouts(model, tokenizer, eval_set: list[dict], args: Args) -> 
                         args.summary_batch)
     r = ar.pooled_scores(ar.score_rollout(ro, [q["answer"] for q in questions]), ro.prompt_index)  # B,G,S
     var = ar.variance_diagnostics(r.double(), ar.budget_prior("uniform", budgets).double(), ro.think_len, budgets)
-    return {"budgets": budgets, "questions": len(questions), "traces": VARIANCE_TRACES,
-            **{k[len("var_ratio_"):]: [round(x, 4) if x == x else None for x in v.tolist()]
+    reaching = (ro.think_len[..., None] > torch.tensor([0] + budgets[:-1])).sum((0, 1))  # S
+    return {"budgets": budgets, "questions": len(questions), "traces": VARIANCE_TRACES, "reaching": reaching.tolist(),
+            **{k[len("var_ratio_"):]: [round(x, 4) if math.isfinite(x) else None for x in v.tolist()]
                for k, v in var.items() if k.startswith("var_ratio_")}}
 
 
@@ -996,21 +998,19 @@ def ablation_run(args: Args, name: str, start: str, folder: str, train_set, eval
               # bookkeeping counts in its tokens/s but not in s_think + s_summary)
               "generated_tokens": round(sum(m["gen_tok_s"] * (m["s_think"] + m["s_summary"]) for m in steps)),
               "loadavg": [round(x, 2) for x in os.getloadavg()]}  # how busy the machine was
-    if name == "ar-uniform":  # the variance figure after training, on the ar-uniform model
-        result["variance"] = variance_on_rollouts(model, tokenizer, eval_set, args)
     write_json(os.path.join(run_dir, "result.json"), result)
     return result
 
 
-def summarise_ablation(runs: list[dict], warmup_variance: list[dict]) -> dict:
+def summarise_ablation(runs: list[dict], variance: dict[str, list[dict]]) -> dict:
     """Per preset over seeds: accuracy per budget (mean), anytime score (mean, min, max),
     thinking tokens, seconds and tokens per run (mean); the variance figure's ratios (mean,
-    min, max over seeds) on the warmed-up and the ar-uniform models."""
+    min, max over seeds) for each model measured (variance: label -> one result per seed)."""
     def mean(xs):
         return sum(xs) / len(xs)
 
     def spread(lists):  # per budget: mean, min, max over seeds (None where a seed has none)
-        cols = [[x for x in col if x is not None] for col in zip(*lists)]
+        cols = [[x for x in col if x is not None and math.isfinite(x)] for col in zip(*lists)]
         return {"mean": [round(mean(c), 4) if c else None for c in cols],
                 "min": [min(c) if c else None for c in cols], "max": [max(c) if c else None for c in cols]}
 
@@ -1027,9 +1027,9 @@ def summarise_ablation(runs: list[dict], warmup_variance: list[dict]) -> dict:
         for k in ("wall_seconds", "cpu_seconds", "step_seconds", "generated_tokens"):
             if done and name != "before":
                 table[name][k] = round(mean([r[k] for r in done]), 1)
-    trained = [r["variance"] for r in runs if r["preset"] == "ar-uniform"]
-    variance = {label: {"budgets": v[0]["budgets"], **{k: spread([x[k] for x in v]) for k in ("v1", "v2", "brpo")}}
-                for label, v in (("warmed-up model", warmup_variance), ("after ar-uniform", trained)) if v}
+    variance = {label: {"budgets": v[0]["budgets"], **{k: spread([x[k] for x in v]) for k in ("v1", "v2", "brpo")},
+                        "reaching": [sum(x["reaching"][i] for x in v) / len(v) for i in range(len(v[0]["budgets"]))]}
+                for label, v in variance.items() if v}
     return {"table": table, "variance": variance}
 
 
@@ -1054,6 +1054,7 @@ def ablation_table(summary: dict) -> str:
             cells = [f"{m:.3f} ({lo:.3f}–{hi:.3f})" if m is not None else "–"
                      for m, lo, hi in zip(v[k]["mean"], v[k]["min"], v[k]["max"])]
             lines.append(f"| {k.upper() if k != 'brpo' else 'BRPO'} | " + " | ".join(cells) + " |")
+        lines.append("| traces reaching the segment | " + " | ".join(f"{n:.0f}" for n in v["reaching"]) + " |")
     return "\n".join(lines)
 
 
@@ -1150,7 +1151,7 @@ def main_ablation(args: Args, device):
                               "transformers": transformers.__version__})
     tokenizer = tiny_tokenizer()
     seeds = list(range(args.seed, args.seed + args.ablation_seeds))
-    runs, warmup_variance, kept = [], [], 0
+    runs, variance, kept = [], {"warmed-up model": [], "after ar-uniform": []}, 0
     t0 = time.time()
     for seed in seeds:
         seed_args = Args(**{**asdict(args), "seed": seed})
@@ -1158,14 +1159,6 @@ def main_ablation(args: Args, device):
         os.makedirs(folder, exist_ok=True)
         train_set, eval_set = demo_data(seed_args)
         start = warmed_up_model(seed_args, tokenizer, device, folder)
-        path = os.path.join(folder, "variance-warmup.json")
-        if not os.path.isfile(path):
-            from transformers import AutoModelForCausalLM
-            with no_hf_bars():
-                model = AutoModelForCausalLM.from_pretrained(start).to(device)
-            write_json(path, variance_on_rollouts(model, tokenizer, eval_set, seed_args))
-        with open(path) as f:
-            warmup_variance.append(json.load(f))
         for name in ABLATION:
             path = os.path.join(folder, name, "result.json")
             if os.path.isfile(path):
@@ -1180,9 +1173,20 @@ def main_ablation(args: Args, device):
                     print(f"the ablation continues where it stopped (the finished runs are kept) when run "
                           f"again: python train_small.py {' '.join(sys.argv[1:])}")
                 raise
+        # the variance figure, on the warmed-up model and on the model ar-uniform trained
+        for label, name, model_dir in (("warmed-up model", "warmup", start),
+                                       ("after ar-uniform", "ar-uniform", os.path.join(folder, "ar-uniform", "ckpt"))):
+            path = os.path.join(folder, f"variance-{name}.json")
+            if not os.path.isfile(path):
+                from transformers import AutoModelForCausalLM
+                with no_hf_bars():
+                    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+                write_json(path, variance_on_rollouts(model, tokenizer, eval_set, seed_args))
+            with open(path) as f:
+                variance[label].append(json.load(f))
     if kept:
         print(f"\nkept {kept} runs finished earlier in {out}")
-    summary = summarise_ablation(runs, warmup_variance)
+    summary = summarise_ablation(runs, variance)
     title = (f"tiny demo model, {len(seeds)} seeds x {len(ABLATION)} presets, {args.steps} steps: "
              f"accuracy on {args.eval_size} held-out questions, temperature {args.eval_temperature}")
     table = ablation_table(summary)

@@ -1618,6 +1618,31 @@ def test_ablation_flags(capsys):
     assert "--ablation-seeds must be at least 1" in exits_with_one_line(["--ablation", "--ablation-seeds", "0"], capsys)
 
 
+def test_ablation_folder_holds_one_ablation(tmp_path, capsys):
+    """An ablation with other settings is refused in one line, naming what differs; --overwrite
+    removes what an ablation wrote there, and only that."""
+    out = str(tmp_path)
+    ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "5", "--out-dir", out]))
+    held = json.loads((tmp_path / "ablation.json").read_text())["settings"]
+    assert held["steps"] == 5 and "seed" not in held and "out_dir" not in held
+    for name in ("seed0", "seed12", "seedlings"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "ablation_table.md").write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "5", "--seed", "7", "--ablation-seeds", "1",
+                                              "--out-dir", out]))   # same ablation, more or other seeds
+    with pytest.raises(SystemExit) as e:
+        ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "6", "--lr", "0.1", "--out-dir", out]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert "holds an ablation with other settings (--lr 0.0003 there, 0.1 now; --steps 5 there, 6 now)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.json", "ablation_table.md", "notes.txt",
+                                                         "seed0", "seed12", "seedlings"]
+    ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "6", "--out-dir", out, "--overwrite"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.json", "notes.txt", "seedlings"]
+    assert json.loads((tmp_path / "ablation.json").read_text())["settings"]["steps"] == 6
+
+
 def test_ablation_table_is_the_seeds_mean_min_and_max():
     """Hand-worked: two seeds of made-up runs; each row is the mean over seeds per budget, the
     anytime score's mean, min and max, and the mean compute; variance ratios likewise, skipping

@@ -973,8 +973,8 @@ def variance_on_rollouts(model, tokenizer, eval_set: list[dict], args: Args) -> 
 
 def ablation_run(args: Args, name: str, start: str, folder: str, train_set, eval_set, tokenizer, device) -> dict:
     """One preset from the warm-up in `start`, into folder/name; its result.json, written last,
-    marks it finished. Compute is reported beside the score: seconds (wall and CPU; the CPU
-    seconds of one thread are the wall seconds of a quiet machine) and tokens generated."""
+    marks it finished. Compute is reported beside the score: seconds (wall and CPU; with
+    --threads 1 the CPU seconds are about the wall seconds of a quiet machine) and tokens generated."""
     from transformers import AutoModelForCausalLM
     run_dir = os.path.join(folder, name)
     if os.path.isdir(run_dir):  # stopped midway: runs do not resume, start it again
@@ -994,8 +994,8 @@ def ablation_run(args: Args, name: str, start: str, folder: str, train_set, eval
     result = {"preset": name, "seed": args.seed, "steps": len(steps), "before": before, "after": after,
               "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
               "step_seconds": round(sum(m["s_per_step"] for m in steps), 1),
-              # tokens/s x generation seconds, step by step: within a few % (the rollout's own
-              # bookkeeping counts in its tokens/s but not in s_think + s_summary)
+              # thinking + summary tokens sampled, from tokens/s x generation seconds step by step:
+              # 0.1-0.3 % below the exact count (the rollout's bookkeeping slows its tokens/s)
               "generated_tokens": round(sum(m["gen_tok_s"] * (m["s_think"] + m["s_summary"]) for m in steps)),
               "loadavg": [round(x, 2) for x in os.getloadavg()]}  # how busy the machine was
     write_json(os.path.join(run_dir, "result.json"), result)
@@ -1106,7 +1106,8 @@ def plot_ablation(summary: dict, folder: str, title: str) -> list[str]:
         for k, name in (("v1", "V1"), ("v2", "V2"), ("brpo", "BRPO")):
             keep = [i for i, m in enumerate(v[k]["mean"]) if m is not None]
             m = [v[k]["mean"][i] for i in keep]
-            err = [[m[j] - v[k]["min"][i] for j, i in enumerate(keep)], [v[k]["max"][i] - m[j] for j, i in enumerate(keep)]]
+            err = [[max(0, m[j] - v[k]["min"][i]) for j, i in enumerate(keep)],  # the mean is rounded
+                   [max(0, v[k]["max"][i] - m[j]) for j, i in enumerate(keep)]]
             ax.errorbar([v["budgets"][i] for i in keep], m, yerr=err, marker="o", markersize=3, capsize=2, label=name)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("budget (end of segment)")
@@ -1120,12 +1121,10 @@ def plot_ablation(summary: dict, folder: str, title: str) -> list[str]:
     return [curves, path]
 
 
-def main_ablation(args: Args, device):
-    """Every preset of the paper, for seeds --seed .. --seed + n - 1, each seed's presets from one
-    warm-up with the same questions and steps; then one table and two figures. A finished run
-    keeps its folder (seedN/preset/ with result.json, written last) and is not redone when the
-    ablation runs again; a folder holds the runs of one ablation only (ablation.json)."""
-    torch.set_num_threads(args.threads)  # not one per core: the result depends on the count
+def prepare_ablation_folder(args: Args):
+    """A folder holds one ablation: its settings are in ablation.json, and an ablation with other
+    settings is refused (one line) unless --overwrite, which removes what an ablation writes
+    (seedN/ folders, ablation* files) and nothing else."""
     out = args.out_dir
     manifest = os.path.join(out, "ablation.json")
     settings = ablation_settings(args)
@@ -1140,15 +1139,25 @@ def main_ablation(args: Args, device):
     if args.overwrite:  # only what an ablation writes: never the rest of the folder
         for name in os.listdir(out) if os.path.isdir(out) else []:
             path = os.path.join(out, name)
-            if name.startswith("seed") and os.path.isdir(path):
+            if name.startswith("seed") and name[4:].isdigit() and os.path.isdir(path):
                 shutil.rmtree(path)
-            elif name.startswith("ablation"):
+            elif name.startswith("ablation") and os.path.isfile(path):
                 os.remove(path)
     os.makedirs(out, exist_ok=True)
     if not os.path.isfile(manifest):
         import transformers
         write_json(manifest, {"settings": settings, "torch": torch.__version__,
                               "transformers": transformers.__version__})
+
+
+def main_ablation(args: Args, device):
+    """Every preset of the paper, for seeds --seed .. --seed + n - 1, each seed's presets from one
+    warm-up with the same questions and steps; then one table and two figures. A finished run
+    keeps its folder (seedN/preset/ with result.json, written last) and is not redone when the
+    ablation runs again; a folder holds the runs of one ablation only (ablation.json)."""
+    torch.set_num_threads(args.threads)  # not one per core: the result depends on the count
+    prepare_ablation_folder(args)
+    out = args.out_dir
     tokenizer = tiny_tokenizer()
     seeds = list(range(args.seed, args.seed + args.ablation_seeds))
     runs, variance, kept = [], {"warmed-up model": [], "after ar-uniform": []}, 0

@@ -6,6 +6,7 @@
     python train_small.py --data-dir ../shared/gsm8k       # local GSM8K (else downloaded once)
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
     python train_small.py --demo                           # CPU, offline, ~3 minutes: see the effect
+    python train_small.py --demo --ablation                # the paper's 8 runs x 3 seeds on the demo task
     python train_small.py --help                           # every flag, its unit, default and demo value
 
 The algorithm lives in anytime_reasoner.py; this file is plumbing (arguments,

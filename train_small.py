@@ -942,7 +942,8 @@ ABLATION = ("grpo", "grpo+linear", "grpo+decouple", "grpo+vr", "grpo+vr+decouple
             "ar-uniform")
 # Flags that do not make another ablation: where it is written, its seeds, whether to start afresh.
 NOT_SETTINGS = ("out_dir", "overwrite", "resume", "seed", "ablation_seeds")
-# The variance figure: this many traces for each of this many held-out questions.
+# The variance figure: this many traces for each of this many held-out questions; a budget
+# reached by fewer traces than one question's has no ratio (too few for a variance).
 VARIANCE_QUESTIONS, VARIANCE_TRACES = 32, 32
 
 
@@ -955,7 +956,7 @@ def variance_on_rollouts(model, tokenizer, eval_set: list[dict], args: Args) -> 
     VARIANCE_QUESTIONS held-out questions, sampled at the training temperature, cut at 4 budgets
     with 4 summaries each (ar-uniform's rollout); Var[R - V] / Var[R] per budget for V = V1, V2
     and BRPO under the uniform prior, over the traces that reach each segment (`reaching`);
-    None where fewer than 2 traces reach it or their returns are all equal (Var[R] = 0)."""
+    None where fewer than VARIANCE_TRACES traces reach it or their returns are all equal."""
     budgets = ar.evenly_spaced_budgets(args.max_think, 4)
     questions = eval_set[:VARIANCE_QUESTIONS]
     model.eval()
@@ -968,7 +969,8 @@ def variance_on_rollouts(model, tokenizer, eval_set: list[dict], args: Args) -> 
     var = ar.variance_diagnostics(r.double(), ar.budget_prior("uniform", budgets).double(), ro.think_len, budgets)
     reaching = (ro.think_len[..., None] > torch.tensor([0] + budgets[:-1])).sum((0, 1))  # S
     return {"budgets": budgets, "questions": len(questions), "traces": VARIANCE_TRACES, "reaching": reaching.tolist(),
-            **{k[len("var_ratio_"):]: [round(x, 4) if math.isfinite(x) else None for x in v.tolist()]
+            **{k[len("var_ratio_"):]: [round(x, 4) if math.isfinite(x) and n >= VARIANCE_TRACES else None
+                                       for x, n in zip(v.tolist(), reaching.tolist())]
                for k, v in var.items() if k.startswith("var_ratio_")}}
 
 
@@ -1077,19 +1079,20 @@ def plot_ablation(summary: dict, folder: str, title: str) -> list[str]:
         curves = os.path.join(folder, "ablation_curves.txt")
         with open(curves, "w") as f:
             f.write("\n".join(lines) + "\n")
-        lines = [f"Var[R - V] / Var[R] per budget (mean over seeds; {VARIANCE_TRACES} traces per question)",
+        lines = [f"Var[R - V] / Var[R] per budget (mean over seeds; {VARIANCE_TRACES} traces per question; "
+                 "bars end at 1.5)",
                  "(a text chart; pip install matplotlib for a PNG)"]
         for label, v in variance.items():
             lines.append(label)
-            for k in ("v1", "v2", "brpo"):
-                lines += [f"  {k:>4} {b:>4} |{'#' * round(min(m, 1.5) * width):<{round(1.5 * width)}}| {m:.3f}"
-                          for b, m in zip(v["budgets"], v[k]["mean"]) if m is not None]
+            for i, b in enumerate(v["budgets"]):  # budget by budget, the three baselines side by side
+                lines += [f"  {b:>4} {k:>4} |{'#' * round(min(v[k]['mean'][i], 1.5) * width):<{round(1.5 * width)}}| "
+                          f"{v[k]['mean'][i]:.3f}" for k in ("v1", "v2", "brpo") if v[k]["mean"][i] is not None]
         path = os.path.join(folder, "ablation_variance.txt")
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
         return [curves, path]
     plt.figure(figsize=(7, 4.5))
-    plt.title(title, fontsize=9)
+    plt.title(title.replace(": ", ":\n", 1), fontsize=9)
     for name, t in table.items():
         style = ":" if name == "before" else "--" if name.startswith("grpo") else "-"
         plt.plot(t["budgets"], t["accuracy"], style, marker="o", markersize=3,
@@ -1102,7 +1105,7 @@ def plot_ablation(summary: dict, folder: str, title: str) -> list[str]:
     curves = os.path.join(folder, "ablation_curves.png")
     plt.savefig(curves, dpi=100)
     plt.close()
-    fig, axes = plt.subplots(1, len(variance), figsize=(3.5 * len(variance), 3.5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(variance), figsize=(3.5 * len(variance), 3.5), squeeze=False)
     for ax, (label, v) in zip(axes[0], variance.items()):
         for k, name in (("v1", "V1"), ("v2", "V2"), ("brpo", "BRPO")):
             keep = [i for i, m in enumerate(v[k]["mean"]) if m is not None]
@@ -1110,7 +1113,9 @@ def plot_ablation(summary: dict, folder: str, title: str) -> list[str]:
             err = [[max(0, m[j] - v[k]["min"][i]) for j, i in enumerate(keep)],  # the mean is rounded
                    [max(0, v[k]["max"][i] - m[j]) for j, i in enumerate(keep)]]
             ax.errorbar([v["budgets"][i] for i in keep], m, yerr=err, marker="o", markersize=3, capsize=2, label=name)
+        ax.axhline(1, color="grey", linewidth=0.8)  # above 1 the baseline adds variance
         ax.set_title(label, fontsize=9)
+        ax.set_xticks(v["budgets"])
         ax.set_xlabel("budget (end of segment)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("Var[R - V] / Var[R]")

@@ -6,7 +6,7 @@
     python train_small.py --data-dir ../shared/gsm8k       # local GSM8K (else downloaded once)
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
     python train_small.py --demo                           # CPU, offline, ~3 minutes: see the effect
-    python train_small.py --demo --ablation                # the paper's 8 runs x 3 seeds on the demo task
+    python train_small.py --demo --ablation                # the paper's 8 runs x 3 seeds, ~30 minutes
     python train_small.py --help                           # every flag, its unit, default and demo value
 
 The algorithm lives in anytime_reasoner.py; this file is plumbing (arguments,
@@ -107,9 +107,9 @@ class Args:
                        "give the same, 3 or more another (torch 2.13-2.14, AVX2); 1 is faster on a busy machine")
     demo: bool = arg(False, "offline CPU demo, ~3 minutes: a tiny model built in code learns a "
                      "synthetic task, then AnytimeReasoner and GRPO train it from the same start")
-    ablation: bool = arg(False, "the paper's ablation on the demo task (implies --demo): all 8 presets from "
-                         "one warm-up per seed, each evaluated after its last step; a table and two figures "
-                         "in out-ablation/ unless --out-dir. Run again, it keeps the finished runs")
+    ablation: bool = arg(False, "the paper's ablation on the demo task (implies --demo), ~30 minutes on 2 cores: "
+                         "all 8 presets from one warm-up per seed, each evaluated after its last step; a table "
+                         "and two figures in out-ablation/ unless --out-dir. Run again, it keeps the finished runs")
     ablation_seeds: int = arg(3, "seeds of the ablation: --seed, --seed + 1, ...")
 
 

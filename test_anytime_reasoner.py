@@ -9,6 +9,7 @@ forwards; the loss gradient against the REINFORCE form.
 import ast
 import builtins
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -2064,7 +2065,7 @@ def test_demo_ctrl_c_reruns_afresh_and_never_offers_a_real_run(tmp_path, capsys)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "python train_small.py --demo" in out and "--resume" not in out
-    err = exits_with_one_line(["--resume", str(tmp_path / "ckpt-ar-uniform")], capsys)
+    err = exits_with_one_line(["--resume", str(tmp_path / "partial" / "ckpt-ar-uniform")], capsys)
     assert "demo, which does not resume" in err
 
     proc = start_script(*argv)   # again, into the same folder; Ctrl-C twice
@@ -2075,9 +2076,194 @@ def test_demo_ctrl_c_reruns_afresh_and_never_offers_a_real_run(tmp_path, capsys)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("Ctrl-C again: stopped at once")
-    steps = [x["step"] for x in jsonl_rows(tmp_path / "metrics-ar-uniform.jsonl")]
+    steps = [x["step"] for x in jsonl_rows(tmp_path / "partial" / "metrics-ar-uniform.jsonl")]
     assert steps == list(range(1, len(steps) + 1))    # not the first run's steps, then 1, 2, ...
-    assert [x["step"] for x in jsonl_rows(tmp_path / "eval-ar-uniform.jsonl")] == [0]
+    assert [x["step"] for x in jsonl_rows(tmp_path / "partial" / "eval-ar-uniform.jsonl")] == [0]
+
+
+def demo_files(folder) -> dict[str, bytes]:
+    """The files of the demo in folder, by path, with their bytes (not the shared warm-ups, not
+    the unfinished demo in partial/)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and not p.relative_to(folder).parts[0].startswith(("warmup-", "partial"))}
+
+
+def check_one_finished_demo(folder, runs: tuple, steps: int):
+    """demo_results.json, the logs and the checkpoints in folder all belong to one run of `steps`
+    steps of `runs`, and no other run's files are there."""
+    results = json.loads((folder / "demo_results.json").read_text())
+    assert set(results) == {"seed", "steps", "before", *runs} and results["steps"] == steps
+    for run in runs:
+        assert [x["step"] for x in jsonl_rows(folder / f"metrics-{run}.jsonl")] == list(range(1, steps + 1))
+        evals = jsonl_rows(folder / f"eval-{run}.jsonl")
+        assert evals[0]["step"] == 0 and evals[-1]["step"] == steps
+        assert {k: v for k, v in evals[0].items() if k != "step"} == results["before"]
+        assert {k: v for k, v in evals[-1].items() if k != "step"} == results[run]
+        state = torch.load(folder / f"ckpt-{run}" / "trainer_state.pt", weights_only=False)
+        assert state["step"] == steps
+    tops = {name.split("/")[0] for name in demo_files(folder)}
+    figure = "anytime_accuracy." + ("png" if importlib.util.find_spec("matplotlib") else "txt")
+    assert tops == {"demo_results.json", figure} | {f"{kind}-{run}{ext}" for run in runs
+                    for kind, ext in (("metrics", ".jsonl"), ("eval", ".jsonl"), ("ckpt", ""))}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT")
+def test_a_stopped_demo_never_overwrites_a_finished_one(tmp_path):
+    """A demo stopped by Ctrl-C leaves the finished demo in its folder intact, every file; a demo
+    that finishes replaces all of the old one's files (those of another preset too), and both
+    reuse the warm-up."""
+    import signal
+    tiny = ["--demo", "--warmup-steps", "3", "--eval-size", "4", "--questions-per-step", "2", "--traces", "2",
+            "--out-dir", str(tmp_path)]
+    first = run_script(*tiny, "--steps", "2", "--preset", "ar-linear")
+    assert first.returncode == 0, first.stderr[-2000:]
+    check_one_finished_demo(tmp_path, ("ar-linear", "grpo"), 2)
+    finished = demo_files(tmp_path)
+
+    proc = start_script(*tiny, "--steps", "1000")
+    wait_for(proc, "ar-uniform    1 |")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert demo_files(tmp_path) == finished                    # byte for byte
+    assert (tmp_path / "partial" / "metrics-ar-uniform.jsonl").is_file()
+
+    last = run_script(*tiny, "--steps", "1")
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert "holds a finished demo" in last.stdout and "using the warmed-up model" in last.stdout
+    check_one_finished_demo(tmp_path, ("ar-uniform", "grpo"), 1)
+    assert not (tmp_path / "partial").exists() and not (tmp_path / "previous").exists()
+
+
+def test_warm_up_is_reused_only_when_complete(tmp_path, monkeypatch, capsys):
+    """The demo's warm-up is saved under a temporary name and renamed when complete: a save that
+    crashed midway is never reused, a complete one always is."""
+    from transformers import PreTrainedModel
+    args = ts.parse_args(["--demo", "--warmup-steps", "1"])
+    tok, path = ts.tiny_tokenizer(), tmp_path / "warmup-seed0-1steps"
+    save = PreTrainedModel.save_pretrained
+
+    def crash_midway(self, folder, **kw):
+        save(self, folder, **kw)
+        raise KeyboardInterrupt("killed while saving")
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ts.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path))
+    monkeypatch.undo()
+    assert not path.exists()                       # the half-saved one is not where the demo looks
+    assert ts.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
+    assert "tiny model" in capsys.readouterr().out and (path / "config.json").is_file()
+    assert not Path(str(path) + ".tmp").exists()
+    assert ts.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
+    assert "using the warmed-up model" in capsys.readouterr().out
+
+
+def test_ablation_flags(capsys):
+    args = ts.parse_args(["--ablation"])
+    assert args.demo and args.ablation and args.out_dir == "out-ablation" and args.ablation_seeds == 3
+    assert ts.parse_args(["--demo", "--ablation", "--out-dir", "x"]).out_dir == "x"
+    assert set(ts.ABLATION) == set(ar.PRESETS) and len(ts.ABLATION) == len(ar.PRESETS)
+    for flag in (["--prior", "linear"], ["--preset", "grpo"], ["--budgets", "8,16"], ["--eval-every", "5"]):
+        assert "runs every preset as it is" in exits_with_one_line(["--ablation", *flag], capsys)
+    assert "--ablation-seeds must be at least 1" in exits_with_one_line(["--ablation", "--ablation-seeds", "0"], capsys)
+
+
+def test_ablation_folder_holds_one_ablation(tmp_path, capsys):
+    """An ablation with other settings is refused in one line, naming what differs; --overwrite
+    removes what an ablation wrote there, and only that."""
+    out = str(tmp_path)
+    ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "5", "--out-dir", out]))
+    held = json.loads((tmp_path / "ablation.json").read_text())["settings"]
+    assert held["steps"] == 5 and "seed" not in held and "out_dir" not in held
+    for name in ("seed0", "seed12", "seedlings"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "ablation_table.md").write_text("old")
+    (tmp_path / "notes.txt").write_text("mine")
+    ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "5", "--seed", "7", "--ablation-seeds", "1",
+                                              "--out-dir", out]))   # same ablation, more or other seeds
+    with pytest.raises(SystemExit) as e:
+        ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "6", "--lr", "0.1", "--out-dir", out]))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err
+    assert "holds an ablation with other settings (--lr 0.0003 there, 0.1 now; --steps 5 there, 6 now)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.json", "ablation_table.md", "notes.txt",
+                                                         "seed0", "seed12", "seedlings"]
+    ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "6", "--out-dir", out, "--overwrite"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.json", "notes.txt", "seedlings"]
+    assert json.loads((tmp_path / "ablation.json").read_text())["settings"]["steps"] == 6
+
+
+def test_ablation_table_is_the_seeds_mean_min_and_max():
+    """Hand-worked: two seeds of made-up runs; each row is the mean over seeds per budget, the
+    anytime score's mean, min and max, and the mean compute; variance ratios likewise, skipping
+    a seed where a budget has none."""
+    def ev(acc, think):
+        return {"budgets": [3, 6], "accuracy": acc, "anytime_score": sum(acc) / 2, "mean_think_len": think}
+    runs = [{"preset": name, "seed": seed, "before": ev([0.1, 0.3], 12.0),
+             "after": ev([0.75 - 0.5 * seed, 0.05 * i], 8.0 + seed), "wall_seconds": 10 + 2 * seed,
+             "cpu_seconds": 5.0 + seed, "step_seconds": 4.0, "generated_tokens": 20000 + 1000 * seed}
+            for seed in (0, 1) for i, name in enumerate(ts.ABLATION)]
+    warm = [{"budgets": [6, 12], "v1": [1.0, 0.5], "v2": [0.8, None], "brpo": [0.75, 0.25], "reaching": [10, 1]},
+            {"budgets": [6, 12], "v1": [1.0, 0.7], "v2": [0.6, 0.9], "brpo": [0.25, 0.75], "reaching": [10, 4]}]
+    s = ts.summarise_ablation(runs, {"warmed-up model": warm, "after ar-uniform": warm[::-1]})
+    row = s["table"]["ar-uniform"]                  # i = 7: after [0.75, 0.35] and [0.25, 0.35]
+    assert row["accuracy"] == [0.5, 0.35] and row["anytime_score"] == 0.425
+    assert (row["min"], row["max"]) == pytest.approx((0.3, 0.55)) and row["mean_think_len"] == 8.5
+    assert (row["wall_seconds"], row["cpu_seconds"], row["generated_tokens"]) == (11, 5.5, 20500)
+    assert s["table"]["grpo"]["accuracy"] == [0.5, 0.0] and s["table"]["grpo"]["anytime_score"] == 0.25
+    assert s["table"]["before"]["anytime_score"] == 0.2 and "wall_seconds" not in s["table"]["before"]
+    assert list(s["table"]) == ["before", *ts.ABLATION]
+    for label in ("warmed-up model", "after ar-uniform"):
+        v = s["variance"][label]
+        assert v["v2"] == {"mean": [0.7, 0.9], "min": [0.6, 0.9], "max": [0.8, 0.9]}
+        assert v["brpo"] == {"mean": [0.5, 0.5], "min": [0.25, 0.25], "max": [0.75, 0.75]}
+        assert v["reaching"] == [10, 2.5]
+    md = ts.ablation_table(s)
+    assert "| ar-uniform | 0.50 | 0.35 | **0.425** (0.300–0.550) | 8.5 | 11 | 6 | 20k |" in md
+    assert "| V2 | 0.700 (0.600–0.800) | 0.900 (0.900–0.900) |" in md and "| traces reaching the segment | 10 | 2 |" in md
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs kill")
+def test_ablation_smoke(tmp_path):
+    """The ablation with a tiny budget (CI's run of it). Killed midway and run again, it keeps
+    the finished runs byte for byte and does the rest; the presets start from one warm-up and
+    train on the same questions; the table is made from the runs' own result files; another
+    ablation in the same folder is refused in one line."""
+    out = tmp_path / "abl"
+    argv = ["--demo", "--ablation", "--ablation-seeds", "1", "--seed", "3", "--warmup-steps", "3",
+            "--eval-size", "4", "--questions-per-step", "2", "--traces", "2", "--steps", "1", "--out-dir", str(out)]
+    proc = start_script(*argv)
+    wait_for(proc, "=== seed 3, grpo+decouple")   # grpo and grpo+linear are finished
+    proc.kill()
+    proc.communicate()
+    finished = {p: p.read_bytes() for name in ("grpo", "grpo+linear")
+                for p in sorted((out / "seed3" / name).rglob("*")) if p.is_file()}
+    assert len(finished) > 6 and (out / "seed3" / "grpo+linear" / "result.json") in finished
+
+    r = run_script(*argv, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "kept 2 runs" in r.stdout and f"using the warmed-up model in {out / 'seed3'}" in r.stdout
+    assert {p: p.read_bytes() for p in finished} == finished
+    runs = {x["preset"]: x for x in (json.loads(p.read_text()) for p in out.glob("seed*/*/result.json"))}
+    assert sorted(runs) == sorted(ts.ABLATION) and {x["seed"] for x in runs.values()} == {3}
+    assert all(x["before"] == runs["grpo"]["before"] for x in runs.values())   # one warm-up, one evaluation
+    rows = {n: jsonl_rows(out / "seed3" / n / "metrics.jsonl") for n in ts.ABLATION}
+    assert len({json.dumps([m["questions"] for m in r]) for r in rows.values()}) == 1  # the same questions
+    assert {n: [len(m["acc"]) for m in r] for n, r in rows.items()} == {n: [p.num_budgets] for n, p in ar.PRESETS.items()}
+    variance = {label: [json.loads((out / "seed3" / f"variance-{name}.json").read_text())]
+                for label, name in (("warmed-up model", "warmup"), ("after ar-uniform", "ar-uniform"))}
+    for [v] in variance.values():
+        assert v["budgets"] == [6, 12, 18, 24] and set(v) >= {"v1", "v2", "brpo"} and v["reaching"][0] == 4 * 32
+    summary = json.loads((out / "ablation_results.json").read_text())
+    assert summary == json.loads(json.dumps({"seeds": [3], **ts.summarise_ablation(
+        [runs[n] for n in ts.ABLATION], variance)}))
+    ext = "png" if importlib.util.find_spec("matplotlib") else "txt"
+    assert (out / f"ablation_curves.{ext}").is_file() and (out / f"ablation_variance.{ext}").is_file()
+    assert "| ar-uniform |" in (out / "ablation_table.md").read_text()
+
+    r = run_script(*argv, "--steps", "2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert "holds an ablation with other settings (--steps 1 there, 2 now)" in r.stderr and "--overwrite" in r.stderr
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs kill")

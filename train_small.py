@@ -7,6 +7,7 @@
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
     python train_small.py --eval-only --model Qwen/Qwen3-0.6B  # the anytime curve of a model, no training
     python train_small.py --demo                           # CPU, offline, ~3 minutes: see the effect
+    python train_small.py --demo --ablation                # the paper's 8 runs x 3 seeds, ~30 minutes
     torchrun --standalone --nproc_per_node 8 train_small.py  # one run on 8 GPUs (README: When one GPU is not enough)
     python train_small.py --help                           # every flag, its unit, default and demo value
 
@@ -116,8 +117,14 @@ class Args:
     data_dir: str | None = arg(None, "folder with GSM8K's train.jsonl and test.jsonl [default: "
                                "downloaded once into ~/.cache/anytime_reasoner/gsm8k]")
     device: str = arg("auto", "cpu, cuda, cuda:1 or mps; auto: a GPU if there is one")
+    threads: int = arg(2, "demo only: CPU threads of torch. A seed's result depends on the count: 1 and 2 "
+                       "give the same, 3 or more another (torch 2.13-2.14, AVX2); 1 is faster on a busy machine")
     demo: bool = arg(False, "offline CPU demo, ~3 minutes: a tiny model built in code learns a "
                      "synthetic task, then AnytimeReasoner and GRPO train it from the same start")
+    ablation: bool = arg(False, "the paper's ablation on the demo task (implies --demo), ~30 minutes on 2 cores: "
+                         "all 8 presets from one warm-up per seed, each evaluated after its last step; a table "
+                         "and two figures in out-ablation/ unless --out-dir. Run again, it keeps the finished runs")
+    ablation_seeds: int = arg(3, "seeds of the ablation: --seed, --seed + 1, ...")
 
 
 # The demo's own values (--help shows them): a tiny model, a synthetic task where thinking helps.
@@ -175,6 +182,12 @@ def parse_args(argv=None) -> Args:
     given = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
 
     cfg = asdict(Args())
+    if given.get("ablation"):  # on the demo task, each preset as it is, evaluated after its last step
+        given["demo"] = True
+        for k in ("preset", "budgets", "prior", "num_summaries", "thinking_method", "summary_method", "eval_every"):
+            if k in given:
+                die(f"--ablation runs every preset as it is and evaluates after the last step; "
+                    f"drop --{k.replace('_', '-')}")
     if given.get("demo"):
         if "resume" in given:
             die("--demo does not resume; it takes a few minutes, run it again")
@@ -183,7 +196,7 @@ def parse_args(argv=None) -> Args:
                 die(f"--demo builds its own model and data; drop --{k.replace('_', '-')}")
         if "eval_only" in given:
             die("--demo trains its own model; drop --eval-only")
-        cfg.update(DEMO)
+        cfg.update(DEMO, **({"out_dir": "out-ablation"} if given.get("ablation") else {}))
     resumed = {}
     if "resume" in given:
         given["resume"] = find_checkpoint(given["resume"])
@@ -215,7 +228,7 @@ def parse_args(argv=None) -> Args:
             die(f"unknown {k.replace('_', ' ')} {cfg[k]!r}; choose one of {', '.join(choices)}")
     for k in ("max_think", "questions_per_step", "traces", "num_summaries", "summary_max_tokens", "steps",
               "updates_per_rollout", "micro_batch", "think_batch", "summary_batch", "chunk_size",
-              "eval_size", "eval_every", "eval_grid", "save_every"):
+              "eval_size", "eval_every", "eval_grid", "save_every", "ablation_seeds", "threads"):
         if cfg[k] < 1 and not (k == "steps" and cfg["eval_only"]):
             hint = " (to evaluate without training: --eval-only)" if k == "steps" else ""
             die(f"--{k.replace('_', '-')} must be at least 1, got {cfg[k]}{hint}")
@@ -489,6 +502,62 @@ def demo_warmup(model, tokenizer, steps: int, seed: int, device, log=print):
     model.eval()
 
 
+def demo_data(args: Args) -> tuple[list[dict], list[dict]]:
+    """The demo's training problems (drawn from the seed) and its held-out ones (fixed)."""
+    rng = random.Random(args.seed)
+    train_set = [demo_problem(rng) for _ in range(20000)]
+    eval_set = [demo_problem(random.Random(10_000 + i)) for i in range(args.eval_size)]
+    return train_set, eval_set
+
+
+def warmed_up_model(args: Args, tokenizer, device, folder: str) -> str:
+    """The folder of the warmed-up model for args.seed, made once and then reused. It is written
+    under a temporary name and renamed when complete, so a warm-up stopped midway is never used."""
+    path = os.path.join(folder, f"warmup-seed{args.seed}-{args.warmup_steps}steps")
+    if os.path.isdir(path):
+        print(f"using the warmed-up model in {path}")
+        return path
+    model = tiny_model(tokenizer, seed=args.seed).to(device)
+    print(f"tiny model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    demo_warmup(model, tokenizer, args.warmup_steps, args.seed, device)
+    if os.path.isdir(path + ".tmp"):
+        shutil.rmtree(path + ".tmp")
+    with no_hf_bars():
+        model.save_pretrained(path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def preset_args(args: Args, name: str) -> Args:
+    """args with preset `name`'s algorithm and its evenly spaced budgets up to args.max_think."""
+    preset = ar.PRESETS[name]
+    return Args(**{**asdict(args), **{k: v for k, v in asdict(preset).items() if k != "num_budgets"},
+                   "preset": name, "budgets": ar.evenly_spaced_budgets(args.max_think, preset.num_budgets)})
+
+
+def is_demo_file(name: str) -> bool:
+    """Files that one demo run writes into its folder (not the warm-ups, which are shared)."""
+    return (name in ("demo_results.json", "anytime_accuracy.png", "anytime_accuracy.txt")
+            or name.startswith(("metrics-", "eval-", "ckpt-")))
+
+
+def publish_demo(staging: str, out: str):
+    """Replace the demo in `out` by the finished one in `staging`, all files or none: the old
+    demo's files (those of any preset) move out first, its demo_results.json before the rest,
+    and the new demo's demo_results.json comes in last. A folder holds a finished demo exactly
+    when it holds a demo_results.json."""
+    old = os.path.join(out, "previous")
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    os.makedirs(old)
+    for name in sorted(filter(is_demo_file, os.listdir(out)), key=lambda n: n != "demo_results.json"):
+        os.replace(os.path.join(out, name), os.path.join(old, name))
+    for name in sorted(os.listdir(staging), key=lambda n: n == "demo_results.json"):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    os.rmdir(staging)
+    shutil.rmtree(old)
+
+
 # ----------------------------------------------------------------------------
 # Plumbing: device, seeding, model loading, checkpoints, logging
 # ----------------------------------------------------------------------------
@@ -719,6 +788,13 @@ def logged_eval(path: str, step: int) -> dict | None:
     """The evaluation logged at `step` in an eval.jsonl, without its step; None if not there."""
     row = next((r for r in read_jsonl(path) if r["step"] == step), None)
     return row and {k: v for k, v in row.items() if k != "step"}
+
+
+def write_json(path: str, obj):
+    """Written under a temporary name, then renamed: the file is complete or absent."""
+    with open(path + ".part", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".part", path)
 
 
 def append_jsonl(path: str, row: dict):
@@ -1259,27 +1335,23 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
 # ----------------------------------------------------------------------------
 
 def main_demo(args: Args, device):
-    """Warm up a tiny model, then train AnytimeReasoner and GRPO from the same start, same steps."""
+    """Warm up a tiny model, then train AnytimeReasoner and GRPO from the same start, same steps.
+
+    The runs write into out_dir/partial. Only once both are done do their files replace the
+    previous demo's in out_dir: a demo stopped early never destroys a finished one. The
+    warm-up is kept in out_dir and reused by the next demo of the same seed."""
+    torch.set_num_threads(args.threads)  # not one per core: the result depends on the count
     seed_everything(args.seed)
     tokenizer = tiny_tokenizer()
-    rng = random.Random(args.seed)
-    train_set = [demo_problem(rng) for _ in range(20000)]
-    eval_set = [demo_problem(random.Random(10_000 + i)) for i in range(args.eval_size)]
+    train_set, eval_set = demo_data(args)
     os.makedirs(args.out_dir, exist_ok=True)
-    start = os.path.join(args.out_dir, f"warmup-seed{args.seed}-{args.warmup_steps}steps")
-    if os.path.isdir(start):  # each run below loads it
-        print(f"using the warmed-up model in {start}")
-    else:
-        model = tiny_model(tokenizer, seed=args.seed).to(device)
-        print(f"tiny model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-        demo_warmup(model, tokenizer, args.warmup_steps, args.seed, device)
-        with no_hf_bars():
-            model.save_pretrained(start)
-    grpo = {k: v for k, v in asdict(ar.PRESETS["grpo"]).items() if k != "num_budgets"}
-    runs = {args.preset: args,
-            "grpo": Args(**{**asdict(args), **grpo, "budgets": [args.max_think], "preset": "grpo"})}
-    if args.preset == "grpo":
-        runs = {"grpo": args}
+    start = warmed_up_model(args, tokenizer, device, args.out_dir)
+    staging = os.path.join(args.out_dir, "partial")
+    if os.path.isdir(staging):  # a demo stopped early: the demo does not resume
+        shutil.rmtree(staging)
+    if os.path.isfile(os.path.join(args.out_dir, "demo_results.json")):
+        print(f"{args.out_dir} holds a finished demo; it stays there until this one is done (in {staging})")
+    runs = {args.preset: args, "grpo": preset_args(args, "grpo")} if args.preset != "grpo" else {"grpo": args}
     results = {}
     for name, run_args in runs.items():
         from transformers import AutoModelForCausalLM
@@ -1289,15 +1361,20 @@ def main_demo(args: Args, device):
         print(f"\n=== {name}: S={len(run_args.budgets)} budgets {run_args.budgets}, "
               f"A={run_args.num_summaries}, prior {run_args.prior}, thinking {run_args.thinking_method}, "
               f"summary {run_args.summary_method}")
-        before, results[name] = train(run_args, model, tokenizer, train_set, eval_set, demo_prompt,
-                                      device, tag="-" + name)
+        before, results[name] = train(Args(**{**asdict(run_args), "out_dir": staging}), model, tokenizer,
+                                      train_set, eval_set, demo_prompt, device, tag="-" + name)
         results = {"before": before, **results} if "before" not in results else results
     title = figure_title("tiny demo model", " vs ".join(runs), len(eval_set), args.eval_temperature)
     print("\n" + title.replace("\n", ": "))
     print(format_table(results))
-    print(plot_curves(results, os.path.join(args.out_dir, "anytime_accuracy.png"), title))
-    with open(os.path.join(args.out_dir, "demo_results.json"), "w") as f:
-        json.dump({"seed": args.seed, "steps": args.steps, **results}, f, indent=1)
+    chart = plot_curves(results, os.path.join(staging, "anytime_accuracy.png"), title)
+    if not chart.startswith("wrote"):  # the text chart, without matplotlib
+        print(chart)
+    write_json(os.path.join(staging, "demo_results.json"), {"seed": args.seed, "steps": args.steps, **results})
+    publish_demo(staging, args.out_dir)
+    figure = next(n for n in ("anytime_accuracy.png", "anytime_accuracy.txt")
+                  if os.path.isfile(os.path.join(args.out_dir, n)))
+    print(f"wrote {args.out_dir}: demo_results.json, {figure}, and per run metrics-*.jsonl, eval-*.jsonl, ckpt-*")
     return results
 
 
@@ -1326,13 +1403,296 @@ def main_eval_only(args: Args, device, offline: bool) -> dict:
     return r
 
 
+# ----------------------------------------------------------------------------
+# The paper's ablation at toy scale: every preset, several seeds, on the demo task
+# ----------------------------------------------------------------------------
+
+# The paper's runs in the order of its argument: GRPO, each ingredient added to it, then
+# AnytimeReasoner with each prior.
+ABLATION = ("grpo", "grpo+linear", "grpo+decouple", "grpo+vr", "grpo+vr+decouple", "ar-base", "ar-linear",
+            "ar-uniform")
+# Flags that do not make another ablation: where it is written, its seeds, whether to start afresh.
+NOT_SETTINGS = ("out_dir", "overwrite", "resume", "seed", "ablation_seeds")
+# The variance figure: this many traces for each of this many held-out questions; a budget
+# reached by fewer traces than one question's has no ratio (too few for a variance).
+VARIANCE_QUESTIONS, VARIANCE_TRACES = 32, 32
+
+
+def ablation_settings(args: Args) -> dict:
+    return {k: v for k, v in asdict(args).items() if k not in NOT_SETTINGS}
+
+
+def variance_on_rollouts(model, tokenizer, eval_set: list[dict], args: Args) -> dict:
+    """The paper's variance figure for one model: VARIANCE_TRACES traces for each of the first
+    VARIANCE_QUESTIONS held-out questions, sampled at the training temperature, cut at 4 budgets
+    with 4 summaries each (ar-uniform's rollout); Var[R - V] / Var[R] per budget for V = V1, V2
+    and BRPO under the uniform prior, over the traces that reach each segment (`reaching`);
+    None where fewer than VARIANCE_TRACES traces reach it or their returns are all equal."""
+    budgets = ar.evenly_spaced_budgets(args.max_think, 4)
+    questions = eval_set[:VARIANCE_QUESTIONS]
+    model.eval()
+    with torch.random.fork_rng(), torch.no_grad():  # its own random stream, as the evaluations
+        torch.manual_seed(args.seed + 54321)
+        ro = ar.rollout(model, tokenizer, [demo_prompt(q["question"]) for q in questions], budgets,
+                        VARIANCE_TRACES, 4, args.temperature, args.summary_max_tokens, args.think_batch,
+                        args.summary_batch)
+    r = ar.pooled_scores(ar.score_rollout(ro, [q["answer"] for q in questions]), ro.prompt_index)  # B,G,S
+    var = ar.variance_diagnostics(r.double(), ar.budget_prior("uniform", budgets).double(), ro.think_len, budgets)
+    reaching = (ro.think_len[..., None] > torch.tensor([0] + budgets[:-1])).sum((0, 1))  # S
+    return {"budgets": budgets, "questions": len(questions), "traces": VARIANCE_TRACES, "reaching": reaching.tolist(),
+            **{k[len("var_ratio_"):]: [round(x, 4) if math.isfinite(x) and n >= VARIANCE_TRACES else None
+                                       for x, n in zip(v.tolist(), reaching.tolist())]
+               for k, v in var.items() if k.startswith("var_ratio_")}}
+
+
+def ablation_run(args: Args, name: str, start: str, folder: str, train_set, eval_set, tokenizer, device) -> dict:
+    """One preset from the warm-up in `start`, into folder/name; its result.json, written last,
+    marks it finished. Compute is reported beside the score: seconds (wall and CPU; with
+    --threads 1 the CPU seconds are about the wall seconds of a quiet machine) and tokens generated."""
+    from transformers import AutoModelForCausalLM
+    run_dir = os.path.join(folder, name)
+    if os.path.isdir(run_dir):  # stopped midway: runs do not resume, start it again
+        shutil.rmtree(run_dir)
+    run_args = Args(**{**asdict(preset_args(args, name)), "out_dir": run_dir, "eval_every": args.steps})
+    seed_everything(args.seed)
+    with no_hf_bars():
+        model = AutoModelForCausalLM.from_pretrained(start).to(device)
+    print(f"\n=== seed {args.seed}, {name}: S={len(run_args.budgets)} budgets {run_args.budgets}, "
+          f"A={run_args.num_summaries}, prior {run_args.prior}, thinking {run_args.thinking_method}, "
+          f"summary {run_args.summary_method}", flush=True)
+    wall, cpu = time.time(), time.process_time()
+    before, after = train(run_args, model, tokenizer, train_set, eval_set, demo_prompt, device)
+    wall, cpu = time.time() - wall, time.process_time() - cpu
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f if line.strip()]
+    result = {"preset": name, "seed": args.seed, "steps": len(steps), "before": before, "after": after,
+              "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
+              "step_seconds": round(sum(m["s_per_step"] for m in steps), 1),
+              # thinking + summary tokens sampled, from tokens/s x generation seconds step by step:
+              # 0.1-0.3 % below the exact count (the rollout's bookkeeping slows its tokens/s)
+              "generated_tokens": round(sum(m["gen_tok_s"] * (m["s_think"] + m["s_summary"]) for m in steps)),
+              "loadavg": [round(x, 2) for x in os.getloadavg()]}  # how busy the machine was
+    write_json(os.path.join(run_dir, "result.json"), result)
+    return result
+
+
+def summarise_ablation(runs: list[dict], variance: dict[str, list[dict]]) -> dict:
+    """Per preset over seeds: accuracy per budget (mean), anytime score (mean, min, max),
+    thinking tokens, seconds and tokens per run (mean); the variance figure's ratios (mean,
+    min, max over seeds) for each model measured (variance: label -> one result per seed)."""
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    def spread(lists):  # per budget: mean, min, max over seeds (None where a seed has none)
+        cols = [[x for x in col if x is not None and math.isfinite(x)] for col in zip(*lists)]
+        return {"mean": [round(mean(c), 4) if c else None for c in cols],
+                "min": [min(c) if c else None for c in cols], "max": [max(c) if c else None for c in cols]}
+
+    rows = {"before": [r["before"] for r in runs if r["preset"] == ABLATION[0]]}
+    rows.update({name: [r["after"] for r in runs if r["preset"] == name] for name in ABLATION})
+    table = {}
+    for name, evals in rows.items():
+        scores = [e["anytime_score"] for e in evals]
+        table[name] = {"budgets": evals[0]["budgets"],
+                       "accuracy": [round(mean(c), 4) for c in zip(*(e["accuracy"] for e in evals))],
+                       "anytime_score": round(mean(scores), 4), "min": min(scores), "max": max(scores),
+                       "mean_think_len": round(mean([e["mean_think_len"] for e in evals]), 1), "seeds": len(evals)}
+        done = [r for r in runs if r["preset"] == name]
+        for k in ("wall_seconds", "cpu_seconds", "step_seconds", "generated_tokens"):
+            if done and name != "before":
+                table[name][k] = round(mean([r[k] for r in done]), 1)
+    variance = {label: {"budgets": v[0]["budgets"], **{k: spread([x[k] for x in v]) for k in ("v1", "v2", "brpo")},
+                        "reaching": [sum(x["reaching"][i] for x in v) / len(v) for i in range(len(v[0]["budgets"]))]}
+                for label, v in variance.items() if v}
+    return {"table": table, "variance": variance}
+
+
+def ablation_table(summary: dict) -> str:
+    """The table as Markdown: budgets as columns, one row per preset."""
+    table = summary["table"]
+    grid = table["before"]["budgets"]
+    lines = ["| run | " + " | ".join(map(str, grid)) + " | anytime score: mean (min–max) | thinking tokens "
+             "| wall s / run | CPU s / run | tokens generated / run |",
+             "|---" * (len(grid) + 6) + "|"]
+    for name, t in table.items():
+        tokens = t.get("generated_tokens", 0)
+        compute = [f"{t['wall_seconds']:.0f}", f"{t['cpu_seconds']:.0f}",
+                   f"{tokens / 1e3:.0f}k" if tokens >= 1e4 else f"{tokens:.0f}"] if "wall_seconds" in t else ["–"] * 3
+        lines.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in t["accuracy"])
+                     + f" | **{t['anytime_score']:.3f}** ({t['min']:.3f}–{t['max']:.3f}) | {t['mean_think_len']:.1f} | "
+                     + " | ".join(compute) + " |")
+    for label, v in summary["variance"].items():
+        lines += ["", f"Var[R - V] / Var[R] per budget, {label} (mean over seeds, min–max):", "",
+                  "| baseline | " + " | ".join(map(str, v["budgets"])) + " |", "|---" * (len(v["budgets"]) + 1) + "|"]
+        for k in ("v1", "v2", "brpo"):
+            cells = [f"{m:.3f} ({lo:.3f}–{hi:.3f})" if m is not None else "–"
+                     for m, lo, hi in zip(v[k]["mean"], v[k]["min"], v[k]["max"])]
+            lines.append(f"| {k.upper() if k != 'brpo' else 'BRPO'} | " + " | ".join(cells) + " |")
+        lines.append("| traces reaching the segment | " + " | ".join(f"{n:.0f}" for n in v["reaching"]) + " |")
+    return "\n".join(lines)
+
+
+def plot_ablation(summary: dict, folder: str, title: str) -> list[str]:
+    """ablation_curves (accuracy against budget per preset, seeds' mean) and ablation_variance
+    (Var[R - V] / Var[R] per budget, seeds' mean with min-max bars): PNGs with matplotlib, else
+    text charts. Returns the paths written."""
+    table, variance = summary["table"], summary["variance"]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        width = 40
+        lines = [title, "(a text chart; pip install matplotlib for a PNG)"]
+        for name, t in table.items():
+            lines.append(f"{name} (anytime {t['anytime_score']:.3f})")
+            lines += [f"  {b:>6} |{'#' * round(a * width):<{width}}| {a:.3f}" for b, a in zip(t["budgets"], t["accuracy"])]
+        curves = os.path.join(folder, "ablation_curves.txt")
+        with open(curves, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        lines = [f"Var[R - V] / Var[R] per budget (mean over seeds; {VARIANCE_TRACES} traces per question; "
+                 "bars end at 1.5)",
+                 "(a text chart; pip install matplotlib for a PNG)"]
+        for label, v in variance.items():
+            lines.append(label)
+            for i, b in enumerate(v["budgets"]):  # budget by budget, the three baselines side by side
+                lines += [f"  {b:>4} {k:>4} |{'#' * round(min(v[k]['mean'][i], 1.5) * width):<{round(1.5 * width)}}| "
+                          f"{v[k]['mean'][i]:.3f}" for k in ("v1", "v2", "brpo") if v[k]["mean"][i] is not None]
+        path = os.path.join(folder, "ablation_variance.txt")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return [curves, path]
+    plt.figure(figsize=(7, 4.5))
+    plt.title(title.replace(": ", ":\n", 1), fontsize=9)
+    for name, t in table.items():
+        style = ":" if name == "before" else "--" if name.startswith("grpo") else "-"
+        plt.plot(t["budgets"], t["accuracy"], style, marker="o", markersize=3,
+                 label=f"{name} ({t['anytime_score']:.3f}, {t['min']:.3f}–{t['max']:.3f})")
+    plt.xlabel("thinking budget (tokens)")
+    plt.ylabel("accuracy (mean over seeds)")
+    plt.legend(fontsize=7, title="anytime score: mean, min–max", title_fontsize=7)
+    plt.grid(alpha=0.3)
+    plt.tight_layout()
+    curves = os.path.join(folder, "ablation_curves.png")
+    plt.savefig(curves, dpi=100)
+    plt.close()
+    fig, axes = plt.subplots(1, len(variance), figsize=(3.5 * len(variance), 3.5), squeeze=False)
+    for ax, (label, v) in zip(axes[0], variance.items()):
+        for k, name in (("v1", "V1"), ("v2", "V2"), ("brpo", "BRPO")):
+            keep = [i for i, m in enumerate(v[k]["mean"]) if m is not None]
+            m = [v[k]["mean"][i] for i in keep]
+            err = [[max(0, m[j] - v[k]["min"][i]) for j, i in enumerate(keep)],  # the mean is rounded
+                   [max(0, v[k]["max"][i] - m[j]) for j, i in enumerate(keep)]]
+            ax.errorbar([v["budgets"][i] for i in keep], m, yerr=err, marker="o", markersize=3, capsize=2, label=name)
+        ax.axhline(1, color="grey", linewidth=0.8)  # above 1 the baseline adds variance
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(v["budgets"])
+        ax.set_xlabel("budget (end of segment)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("Var[R - V] / Var[R]")
+    axes[0][0].legend(fontsize=8)
+    plt.tight_layout()
+    path = os.path.join(folder, "ablation_variance.png")
+    plt.savefig(path, dpi=100)
+    plt.close()
+    return [curves, path]
+
+
+def prepare_ablation_folder(args: Args):
+    """A folder holds one ablation: its settings are in ablation.json, and an ablation with other
+    settings is refused (one line) unless --overwrite, which removes what an ablation writes
+    (seedN/ folders, ablation* files) and nothing else."""
+    out = args.out_dir
+    manifest = os.path.join(out, "ablation.json")
+    settings = ablation_settings(args)
+    if os.path.isfile(manifest) and not args.overwrite:
+        with open(manifest) as f:
+            held = json.load(f)["settings"]
+        differ = [f"--{k.replace('_', '-')} {held.get(k)} there, {settings.get(k)} now"
+                  for k in sorted(set(held) | set(settings)) if held.get(k) != settings.get(k)]
+        if differ:
+            die(f"{out} holds an ablation with other settings ({'; '.join(differ)}); choose another "
+                f"--out-dir, or add --overwrite to start afresh there")
+    if args.overwrite:  # only what an ablation writes: never the rest of the folder
+        for name in os.listdir(out) if os.path.isdir(out) else []:
+            path = os.path.join(out, name)
+            if name.startswith("seed") and name[4:].isdigit() and os.path.isdir(path):
+                shutil.rmtree(path)
+            elif name.startswith("ablation") and os.path.isfile(path):
+                os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    if not os.path.isfile(manifest):
+        import transformers
+        write_json(manifest, {"settings": settings, "torch": torch.__version__,
+                              "transformers": transformers.__version__})
+
+
+def main_ablation(args: Args, device):
+    """Every preset of the paper, for seeds --seed .. --seed + n - 1, each seed's presets from one
+    warm-up with the same questions and steps; then one table and two figures. A finished run
+    keeps its folder (seedN/preset/ with result.json, written last) and is not redone when the
+    ablation runs again; a folder holds the runs of one ablation only (ablation.json)."""
+    torch.set_num_threads(args.threads)  # not one per core: the result depends on the count
+    prepare_ablation_folder(args)
+    out = args.out_dir
+    tokenizer = tiny_tokenizer()
+    seeds = list(range(args.seed, args.seed + args.ablation_seeds))
+    runs, variance, kept = [], {"warmed-up model": [], "after ar-uniform": []}, 0
+    t0 = time.time()
+    for seed in seeds:
+        seed_args = Args(**{**asdict(args), "seed": seed})
+        folder = os.path.join(out, f"seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        train_set, eval_set = demo_data(seed_args)
+        start = warmed_up_model(seed_args, tokenizer, device, folder)
+        for name in ABLATION:
+            path = os.path.join(folder, name, "result.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    runs.append(json.load(f))
+                kept += 1
+                continue
+            try:
+                runs.append(ablation_run(seed_args, name, start, folder, train_set, eval_set, tokenizer, device))
+            except SystemExit as e:  # Ctrl-C: train() has said so
+                if e.code == 130:
+                    print(f"the ablation continues where it stopped (the finished runs are kept) when run "
+                          f"again: python train_small.py {' '.join(sys.argv[1:])}")
+                raise
+        # the variance figure, on the warmed-up model and on the model ar-uniform trained
+        for label, name, model_dir in (("warmed-up model", "warmup", start),
+                                       ("after ar-uniform", "ar-uniform", os.path.join(folder, "ar-uniform", "ckpt"))):
+            path = os.path.join(folder, f"variance-{name}.json")
+            if not os.path.isfile(path):
+                from transformers import AutoModelForCausalLM
+                with no_hf_bars():
+                    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+                write_json(path, variance_on_rollouts(model, tokenizer, eval_set, seed_args))
+            with open(path) as f:
+                variance[label].append(json.load(f))
+    if kept:
+        print(f"\nkept {kept} runs finished earlier in {out}")
+    summary = summarise_ablation(runs, variance)
+    title = (f"tiny demo model, {len(seeds)} seeds x {len(ABLATION)} presets, {args.steps} steps: "
+             f"accuracy on {args.eval_size} held-out questions, temperature {args.eval_temperature}")
+    table = ablation_table(summary)
+    print("\n" + title + "\n\n" + table)
+    with open(os.path.join(out, "ablation_table.md"), "w") as f:
+        f.write(title + "\n\n" + table + "\n")
+    write_json(os.path.join(out, "ablation_results.json"), {"seeds": seeds, **summary})
+    figures = plot_ablation(summary, out, title)
+    print(f"\nwrote {os.path.join(out, 'ablation_table.md')}, ablation_results.json, "
+          + ", ".join(os.path.basename(p) for p in figures) + f" ({time.time() - t0:.0f} s)")
+    return summary
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_out_dir(args)
     check_distributed(args)                               # distributed: torchrun's own checks
     device = init_distributed(pick_device(args.device))   # distributed: one GPU (or CPU) per process
     if args.demo:
-        return main_demo(args, device)
+        return main_ablation(args, device) if args.ablation else main_demo(args, device)
     if args.resume and not args.eval_only:  # the logs and the step, before anything heavy loads
         start_step = checkpoint_step(args.resume)
         if start_step >= args.steps:

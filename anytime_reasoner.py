@@ -1516,6 +1516,7 @@ def variance_diagnostics(scores: torch.Tensor, prior: torch.Tensor, think_len: t
     m = torch.where(m.sum(0) >= 2, m, torch.full_like(m, float("nan")))
     Rf = R.reshape(-1, S)
     var_r = _masked_var(Rf, m)
+    var_r = torch.where(var_r > 0, var_r, torch.full_like(var_r, float("nan")))   # Var[R] = 0: no ratio
     out = {}
     for name, V in values.items():
         Vf = V.reshape(-1, S)

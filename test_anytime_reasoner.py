@@ -3,7 +3,7 @@
     python -m pytest -q test_anytime_reasoner.py
 
 Formulas are checked against hand-worked cases and against plain-loop oracles
-written straight from SPEC.md; packed log-probs against separate unpacked
+written straight from the rules; packed log-probs against separate unpacked
 forwards; the loss gradient against the REINFORCE form.
 """
 import ast
@@ -56,11 +56,11 @@ def test_budget_prior_rejects_bad_input(kind, budgets):
 
 
 # ----------------------------------------------------------------------------
-# advantages: hand-worked cases and a loop oracle written from SPEC 4 and 5
+# advantages: hand-worked cases and a loop oracle written from the formulas
 # ----------------------------------------------------------------------------
 
 def oracle_thinking_adv(r, p, method):
-    """SPEC 4 with plain loops over B, G, S."""
+    """R, V1, V2 and the baselines, with plain loops over B, G, S."""
     B, G, S = r.shape
     out = torch.zeros(B, G, S, dtype=torch.float64)
     for b in range(B):
@@ -799,6 +799,18 @@ def test_anytime_accuracy():
     assert torch.allclose(ar.anytime_accuracy(scores), torch.tensor([0.5, 1.0]))
 
 
+def test_variance_diagnostics_nan_where_returns_do_not_vary():
+    """Budget 1: every trace has the same return, so no ratio exists (NaN, not inf), while
+    V1 still varies there; budget 0 varies and gets a finite ratio."""
+    r = torch.tensor([[[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)      # B=1, G=3, S=2
+    p = ar.budget_prior("uniform", [2, 4]).double()
+    out = ar.variance_diagnostics(r, p, torch.tensor([[4, 4, 4]]), [2, 4])
+    for name in ("v1", "v2", "brpo"):
+        assert math.isnan(out[f"var_ratio_{name}"][1].item()) and math.isfinite(out[f"var_ratio_{name}"][0].item())
+    # budget 0: R = [1, .5, 1], V2 = 2.5/3 everywhere, V1 = 0: Var[R - V2] / Var[R] = 1
+    assert out["var_ratio_v2"][0].item() == pytest.approx(1.0)
+
+
 def test_variance_diagnostics_against_numpy():
     np = pytest.importorskip("numpy")
     torch.manual_seed(1)
@@ -852,7 +864,7 @@ def hand_rollout(traces, budgets, texts, A=1, prompt=(7, 7)):
 
 
 def test_score_rollout_eos_rule():
-    """SPEC 3 (the authors' rule): a trace that ended in EOS scores 0 only at the budgets whose
+    """The authors' rule: a trace that ended in EOS scores 0 only at the budgets whose
     summary prompt holds that EOS; budgets cut before it, and traces that merely ran out of
     budget or closed with </think>, are graded normally."""
     budgets = [4, 8, 12]
@@ -994,7 +1006,7 @@ def _scripted_model(tok, prompt, think, summary):
     ("\\boxed{5}" + ar.THINK_END, "5", 0.0, 1.0),      # a second </think> after the answer breaks the format
 ])
 def test_summaries_run_to_eos_by_default(summary, truth, default, at_box):
-    """SPEC 2-3 (the authors): summaries are sampled to EOS, so the reward reads the last box of the
+    """As the authors: summaries are sampled to EOS, so the reward reads the last box of the
     paragraph and sees a `</think>` written after it; the EOS is part of the summary (trained).
     stop_at_box=True is the opt-in shortcut that stops at the first closed box; rollout() and
     evaluate() default to running to EOS."""

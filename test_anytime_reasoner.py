@@ -1128,8 +1128,13 @@ def test_rl_step_reports_where_its_time_went(monkeypatch):
             time.sleep(1.0)
         return generate(*a, **k)
     monkeypatch.setattr(ar, "generate", slow_thinking)
+    rollouts = Recorder(ar.rollout)
+    monkeypatch.setattr(ar, "rollout", rollouts)
     m = ts.rl_step(model, tok, torch.optim.AdamW(model.parameters()), ["ab\n<think>\n"], ["1"], args,
                    ar.budget_prior(args.prior, args.budgets), torch.device("cpu"))
+    ro = rollouts.calls[0][2]
+    sampled = sum(map(len, ro.think_ids[0])) + sum(len(x) for t in ro.summary_ids[0] for s in t for x in s)
+    assert m["gen_tokens"] == sampled == int((ar.pack_rollout(ro, tok).adv_index >= 0).sum())   # each trained once
     parts = [m[k] for k in ("s_think", "s_summary", "s_score", "s_update")]
     assert m["s_think"] >= 1.0 > m["s_summary"] and m["s_update"] > 0 and min(parts) >= 0
     assert sum(parts) <= m["s_per_step"] + 0.01    # disjoint parts of the step

@@ -1235,6 +1235,7 @@ def rl_step(model, tokenizer, optimizer, prompts, truths, args: Args, prior, dev
             "think_len": round(think_len.float().mean().item(), 1),
             "clipfrac": round(stats["clipfrac"], 4), "approx_kl": round(stats["approx_kl"], 6),
             "grad_norm": round(sum(grad_norms) / len(grad_norms), 4), "updates": U,
+            "gen_tokens": int(gen_tokens),   # sampled (thinking + summaries): each is trained once
             "gen_tok_s": round(gen_tokens / t_gen, 1), "s_per_step": round(dt, 2),
             # where the step's time went: rollout (thinking, summaries), scoring + advantages,
             # PPO updates (packing, old/ref log-probs, forward, backward, optimiser)
@@ -1468,9 +1469,7 @@ def ablation_run(args: Args, name: str, start: str, folder: str, train_set, eval
     result = {"preset": name, "seed": args.seed, "steps": len(steps), "before": before, "after": after,
               "wall_seconds": round(wall, 1), "cpu_seconds": round(cpu, 1),
               "step_seconds": round(sum(m["s_per_step"] for m in steps), 1),
-              # thinking + summary tokens sampled, from tokens/s x generation seconds step by step:
-              # 0.1-0.3 % below the exact count (the rollout's bookkeeping slows its tokens/s)
-              "generated_tokens": round(sum(m["gen_tok_s"] * (m["s_think"] + m["s_summary"]) for m in steps)),
+              "generated_tokens": sum(m["gen_tokens"] for m in steps),   # thinking + summaries
               "loadavg": [round(x, 2) for x in os.getloadavg()]}  # how busy the machine was
     write_json(os.path.join(run_dir, "result.json"), result)
     return result

@@ -1324,8 +1324,9 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
         signal.signal(signal.SIGINT, old_handler)
     if stopped:
         launch = "python" if WORLD == 1 else "torchrun --nproc_per_node N"  # any N
-        print(f"stopped at step {step}; " + ("the demo does not resume: run `python train_small.py --demo` "
-              "again (it reuses the warm-up)" if args.demo else
+        demo = "this run starts afresh when the ablation runs again" if args.ablation else \
+            "the demo does not resume: run `python train_small.py --demo` again (it reuses the warm-up)"
+        print(f"stopped at step {step}; " + (demo if args.demo else
               f"continue with: {launch} train_small.py --resume {ckpt_path}"))
         sys.exit(130)
     return (first, result) if RANK == 0 else (None, None)  # distributed: rank 0 draws the figure

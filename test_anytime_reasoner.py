@@ -619,6 +619,8 @@ def _shape_cases():
     one = "[B, G, S] (questions, traces per question, budgets)"
     return [
         ("thinking_advantages [G,S]", lambda: ar.thinking_advantages(r[0], p4), one + ", got 2-D shape (3, 4); for a single question use x[None]"),
+        ("thinking_advantages [G,S] grpo", lambda: ar.thinking_advantages(r[0], p4, "grpo"), one),
+        ("thinking_advantages [G,S] none", lambda: ar.thinking_advantages(r[0], p4, "none"), one),
         ("thinking_advantages prior", lambda: ar.thinking_advantages(r, p4[:3]), "prior has S = 3"),
         ("returns_to_go", lambda: ar.returns_to_go(r[0], p4), one),
         ("v1_baseline", lambda: ar.v1_baseline(r[0], p4), one),

@@ -10,6 +10,7 @@ import ast
 import builtins
 import copy
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -45,6 +46,7 @@ def test_budget_priors():
     assert torch.allclose(ar.budget_prior("uniform", [100, 300, 600]), torch.full((3,), 1 / 3))
     assert ar.evenly_spaced_budgets(8000, 4) == [2000, 4000, 6000, 8000]
     assert ar.evenly_spaced_budgets(512, 1) == [512]
+    assert ar.evenly_spaced_budgets(100, 3) == [33, 67, 100]      # 33.3, 66.7: rounded, not floored
 
 
 @pytest.mark.parametrize("kind, budgets", [
@@ -520,13 +522,17 @@ def oracle_tokens(model, tok, ro, traces, temperature=1.0):
     return out
 
 
-def oracle_ppo_loss(tokens, old, thinking_adv, summary_adv, normaliser, clip_eps=0.2):
-    """PPO-clip written from the rule, token by token: sum of max(-A r, -A clip(r)) / normaliser."""
+def oracle_ppo_loss(tokens, old, thinking_adv, summary_adv, normaliser, clip_eps=0.2, ref=None, kl_coef=0.0):
+    """PPO-clip written from the rule, token by token: sum of max(-A r, -A clip(r)) / normaliser,
+    plus kl_coef * sum of KL_i / normaliser with KL_i = e^d - d - 1, d = log ref - log pi."""
     total = 0.0
-    for (n, key, lp), old_lp in zip(tokens, old):
+    for i, ((n, key, lp), old_lp) in enumerate(zip(tokens, old)):
         adv = thinking_adv[n, key[1]] if key[0] == "think" else summary_adv[n, key[1], key[2]]
         ratio = torch.exp(lp - old_lp)
         total = total + torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+        if ref is not None:
+            d = ref[i] - lp
+            total = total + kl_coef * (torch.exp(d) - d - 1)
     return total / normaliser
 
 
@@ -560,14 +566,38 @@ def test_anytime_loss_matches_an_unpacked_oracle(tiny):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
 
 
-def test_two_updates_follow_the_ppo_schedule(monkeypatch):
+@pytest.mark.parametrize("stop_at_box", [False, True])
+def test_rl_step_rolls_out_with_the_stop_at_box_flag(monkeypatch, stop_at_box):
+    """--stop-at-box reaches the training rollout (summaries stop at their first closed box),
+    and its absence too (summaries run to EOS), whatever rollout()'s own default."""
+    import dataclasses
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
+    args = dataclasses.replace(_step_args("ar-uniform"), stop_at_box=stop_at_box)
+    rollouts = Recorder(ar.rollout)
+    monkeypatch.setattr(ar, "rollout", rollouts)
+    ts.rl_step(model, tok, torch.optim.SGD(model.parameters(), lr=0.0), ["ab\n<think>\n"] * 2, ["1", "2"],
+               args, ar.budget_prior(args.prior, args.budgets), torch.device("cpu"))
+    [(call_args, call_kwargs, _)] = rollouts.calls
+    bound = inspect.signature(rollouts.fn).bind(*call_args, **call_kwargs)
+    bound.apply_defaults()
+    assert bound.arguments["stop_at_box"] is stop_at_box
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.3], ids=["no-kl", "kl"])
+def test_two_updates_follow_the_ppo_schedule(monkeypatch, kl_coef):
     """rl_step with 2 updates, 6 traces, micro-batches of 2, T = 0.7, plain SGD: the parameters
     after each optimiser step equal a step computed by hand from the unpacked oracle. Update 1:
     traces 0-2, on-policy, divided by 3 traces x largest budget. Update 2: traces 3-5 only (the
-    gradients were zeroed), the ratio against the log-probs from before update 1."""
+    gradients were zeroed), the ratio against the log-probs from before update 1. With a KL
+    coefficient, the penalty is to the reference model handed in (here another network, as the
+    frozen start is after some steps), never to the policy. The step's logged reward is the mean
+    of all its scores, its gradient norm the mean of the two updates' norms before clipping."""
     tok = ts.tiny_tokenizer()
     model = ts.tiny_model(tok, hidden=32, layers=1, seed=6)
-    args = _step_args("ar-uniform", updates_per_rollout=2, temperature=0.7, micro_batch=2, traces=3)
+    ref_model = ts.tiny_model(tok, hidden=32, layers=1, seed=9) if kl_coef else None
+    args = _step_args("ar-uniform", updates_per_rollout=2, temperature=0.7, micro_batch=2, traces=3,
+                      kl_coef=kl_coef)
     rollouts, scored = Recorder(ar.rollout), Recorder(lambda ro, truths: torch.rand(2, 3, 4, 4).round())
     monkeypatch.setattr(ar, "rollout", rollouts)
     monkeypatch.setattr(ar, "score_rollout", scored)
@@ -578,12 +608,13 @@ def test_two_updates_follow_the_ppo_schedule(monkeypatch):
     monkeypatch.setattr(opt, "step", lambda: (sgd_step(), after.append(copy.deepcopy(model))))
     torch.manual_seed(0)
     prior = ar.budget_prior(args.prior, args.budgets)
-    ts.rl_step(model, tok, opt, ["ab\n<think>\n", "cd\n<think>\n"], ["1", "2"], args, prior,
-               torch.device("cpu"))
+    metrics = ts.rl_step(model, tok, opt, ["ab\n<think>\n", "cd\n<think>\n"], ["1", "2"], args, prior,
+                         torch.device("cpu"), ref_model=ref_model)
     assert len(after) == 2
     ro, scores = rollouts.calls[0][2], scored.calls[0][2]
     traces = [(b, g) for b in range(2) for g in range(3)]
     think_adv, summ_adv = ar.rollout_advantages(ro, scores, prior, "brpo", "brpo")
+    norms, ratios, kls = [], [], []          # per update: pre-clip gradient norm, per-token ratio and k3
 
     def by_hand(net, old_net, update):
         mb = traces[3 * update:3 * update + 3]
@@ -591,9 +622,15 @@ def test_two_updates_follow_the_ppo_schedule(monkeypatch):
         tokens = oracle_tokens(net, tok, ro, mb, 0.7)
         with torch.no_grad():
             old = [x for _, _, x in oracle_tokens(old_net, tok, ro, mb, 0.7)]
-        loss = oracle_ppo_loss(tokens, old, think_adv[rows], summ_adv[rows], 3 * args.budgets[-1])
+            ref = [x for _, _, x in oracle_tokens(ref_model, tok, ro, mb, 0.7)] if kl_coef else None
+        loss = oracle_ppo_loss(tokens, old, think_adv[rows], summ_adv[rows], 3 * args.budgets[-1],
+                               ref=ref, kl_coef=kl_coef)
         grads = torch.autograd.grad(loss, list(net.parameters()))
-        scale = min(1.0, 1.0 / (torch.stack([g.norm() for g in grads]).norm().item() + 1e-6))  # clip 1.0
+        norms.append(torch.stack([g.norm() for g in grads]).norm().item())
+        logratio = torch.stack([lp.detach() for _, _, lp in tokens]) - torch.stack(old)
+        ratios.append(logratio.exp())
+        kls.append(logratio.exp() - 1 - logratio)
+        scale = min(1.0, 1.0 / (norms[-1] + 1e-6))  # clip 1.0
         return [p.detach() - lr * scale * g for p, g in zip(net.parameters(), grads)]
 
     first = by_hand(copy.deepcopy(start), start, 0)
@@ -604,6 +641,14 @@ def test_two_updates_follow_the_ppo_schedule(monkeypatch):
     assert moved > 1e-3                                   # update 2 really sees a moved policy
     for want, got in zip(second, after[1].parameters()):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    assert metrics["updates"] == 2
+    assert metrics["grad_norm"] == pytest.approx((norms[0] + norms[1]) / 2, abs=1e-4)
+    assert norms[0] != pytest.approx(norms[1], abs=1e-3)   # the mean differs from either norm
+    assert metrics["reward"] == pytest.approx(scores.float().mean().item(), abs=1e-4)
+    ratio, kl = torch.cat(ratios), torch.cat(kls)   # every trained token of the step, once
+    assert metrics["clipfrac"] == pytest.approx(((ratio - 1).abs() > 0.2).float().mean().item(), abs=1e-4)
+    assert metrics["approx_kl"] == pytest.approx(kl.mean().item(), rel=1e-3, abs=1e-6)
+    assert metrics["approx_kl"] > 1e-4                     # update 2's ratios are off 1
 
 
 # ----------------------------------------------------------------------------
@@ -1810,6 +1855,57 @@ def test_gsm8k_parsing(tmp_path):
         assert all("," not in r["answer"] and r["answer"] for r in train + test)
 
 
+def test_evaluation_has_its_own_stream_and_leaves_training_s_alone(monkeypatch):
+    """evaluate_model samples at --eval-temperature (not training's), from a stream of its own
+    (the same result whatever the training stream was before), and leaves the training stream
+    where it was, as if it had not run. Its grid: every --eval-grid tokens, then --max-think."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
+    args = _step_args("ar-uniform", eval_temperature=0.9, temperature=1.0)
+    evaluations = Recorder(ar.evaluate)
+    monkeypatch.setattr(ar, "evaluate", evaluations)
+    prompts, truths = [ar.format_prompt(tok, q) for q in ("ab", "cd", "ef")], ["1", "2", "3"]
+    results, after = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.rand(4)
+        torch.manual_seed(seed)
+        results.append(ts.evaluate_model(model, tok, prompts, truths, args, [4, 8, 12]))
+        assert torch.equal(torch.rand(4), expected)
+    assert results[0] == results[1] and results[0]["mean_think_len"] > 0
+    for call_args, call_kwargs, _ in evaluations.calls:
+        assert inspect.signature(ar.evaluate.fn).bind(*call_args, **call_kwargs).arguments["temperature"] == 0.9
+    grid = lambda max_think, every: ts.eval_grid(ts.parse_args(["--max-think", max_think, "--eval-grid", every]))
+    assert (grid("12", "4"), grid("10", "4"), grid("8", "9")) == ([4, 8, 12], [4, 8, 10], [8])
+
+
+def test_resume_keeps_its_algorithm_unless_a_preset_is_given(tmp_path):
+    """--resume of an ar-linear run (A = 4, linear prior, BRPO, 4 budgets) keeps those settings;
+    --resume --preset grpo takes all of grpo's instead (A = 1, base prior, GRPO, the largest
+    budget only), not just its name; a flag given beside it wins over both."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
+    saved = ts.parse_args(["--preset", "ar-linear", "--max-think", "16", "--out-dir", str(tmp_path)])
+    ts.save_checkpoint(str(tmp_path / "ckpt"), model, tok, torch.optim.AdamW(model.parameters()), 1, 2, saved)
+    settings = lambda a: (a.preset, a.num_summaries, a.prior, a.thinking_method, a.summary_method, a.budgets)
+    resume = ["--resume", str(tmp_path / "ckpt")]
+    assert settings(ts.parse_args(resume)) == ("ar-linear", 4, "linear", "brpo", "brpo", [4, 8, 12, 16])
+    assert settings(ts.parse_args(resume + ["--preset", "grpo"])) == ("grpo", 1, "base", "grpo", "grpo", [16])
+    assert settings(ts.parse_args(resume + ["--preset", "grpo", "--prior", "uniform"]))[2] == "uniform"
+
+
+def test_training_trains_on_train_and_evaluates_on_test(tmp_path, monkeypatch):
+    """A GSM8K run hands train() the --data-dir's train split and the first --eval-size questions
+    of its test split, never training questions (answers read by hand off the carried lines)."""
+    got = {}
+    monkeypatch.setattr(ts, "train", lambda args, model, tok, train_set, eval_set, *a, **k:
+                        (got.update(train=train_set, eval=eval_set), (None, None))[1])
+    ts.main(["--model", tiny_model_dir(tmp_path), "--data-dir", gsm8k_dir(tmp_path), "--eval-size", "3",
+             "--device", "cpu", "--out-dir", str(tmp_path / "out")])
+    assert [r["answer"] for r in got["eval"]] == ["4", "71", "6250"]
+    assert [r["answer"] for r in got["train"]] == ["72", "109200000", "520000", "27", "8", "18", "28", "48", "80", "21"]
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"question": "q"}', 'not an object with text fields "question" and "answer"'),
     ('[1, 2]', 'not an object with text fields "question" and "answer"'),
@@ -2059,9 +2155,12 @@ def test_figure_title_on_the_png(tmp_path, monkeypatch):
 
 
 def test_demo_smoke(tmp_path):
-    r = run_script("--demo", "--steps", "1", "--warmup-steps", "3", "--eval-size", "4",
+    r = run_script("--demo", "--steps", "1", "--warmup-steps", "3", "--eval-size", "4", "--weight-decay", "0.03",
                    "--questions-per-step", "2", "--traces", "2", "--out-dir", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
+    for tag in ("ar-uniform", "grpo"):   # each run's AdamW got the demo's --lr and the given --weight-decay
+        group = torch.load(tmp_path / f"ckpt-{tag}" / "trainer_state.pt", weights_only=False)["optimizer"]["param_groups"][0]
+        assert (group["lr"], group["weight_decay"]) == (ts.parse_args(["--demo"]).lr, 0.03)
     assert "ar-uniform" in r.stdout and "grpo" in r.stdout and "anytime" in r.stdout
     assert "tiny demo model, ar-uniform vs grpo: accuracy on 4 held-out questions, temperature 0.6" in r.stdout
     results = json.loads((tmp_path / "demo_results.json").read_text())
@@ -2330,6 +2429,11 @@ def test_resume_continues_exactly(tmp_path):
     rows_a, rows_b = jsonl_rows(a / "metrics.jsonl"), jsonl_rows(b / "metrics.jsonl")
     assert [{k: x[k] for k in same} for x in rows_a] == [{k: x[k] for k in same} for x in rows_b]
     assert len({q for x in rows_a for q in x["questions"]}) == 8   # 4 steps x 2 new questions
+    # --lr and --weight-decay given on resume replace the saved ones in AdamW's state
+    more = run_script("--resume", str(a / "ckpt"), "--steps", "5", "--lr", "0.001", "--weight-decay", "0.05")
+    assert more.returncode == 0, more.stderr[-2000:]
+    group = torch.load(a / "ckpt" / "trainer_state.pt", weights_only=False)["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"]) == (0.001, 0.05)
 
 
 def test_eval_only_draws_the_curve_of_a_model_or_a_checkpoint(tmp_path, capsys):
@@ -2359,6 +2463,9 @@ def test_eval_only_draws_the_curve_of_a_model_or_a_checkpoint(tmp_path, capsys):
         chart = (tmp_path / "ea" / "anytime_accuracy.txt").read_text()
         assert chart.startswith(f"{a_dir}, not trained: accuracy on 3 held-out questions, temperature 0.6")
         assert f"wrote {tmp_path / 'ea' / 'anytime_accuracy.txt'}" in r.stdout
+
+    ts.main(["--eval-only", "--model", str(a_dir), *settings, "--out-dir", str(tmp_path / "ea"), "--overwrite"])
+    assert len(jsonl_rows(tmp_path / "ea" / "eval.jsonl")) == 1      # --overwrite: the evaluation replaced
 
     # a checkpoint of "training" (the weights of model B): evaluated with its own settings
     model_b = chain_model(tok, "\\boxed{71}")
@@ -2398,6 +2505,9 @@ def test_torn_log_line_is_dropped_and_said(tmp_path, capsys):
     path.write_bytes(b'{"step": 1, "x": "caf\xc3')                    # the only line
     ts.drop_rows_after(str(path), 2)
     assert path.read_text() == ""
+    path.write_text('{"step": 1}\n{"step": 2, "rew')                  # drop_torn_line alone: the
+    ts.drop_torn_line(str(path))                                       # rows before keep their newline
+    assert path.read_text() == '{"step": 1}\n' and "dropped its last line" in capsys.readouterr().out
     path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
     with pytest.raises(SystemExit) as e:
         ts.drop_rows_after(str(path), 3)
@@ -2668,6 +2778,38 @@ def test_the_readme_torchrun_commands_are_valid(tmp_path, monkeypatch):
         assert launch.training_script == "train_small.py"
         monkeypatch.setattr(ts, "WORLD", int(launch.nproc_per_node) * int(str(launch.nnodes).split(":")[-1]))
         ts.check_distributed(ts.parse_args(launch.training_script_args))   # exits on a refused flag
+
+
+def test_each_rank_samples_from_its_own_stream_of_seed_and_step(tmp_path, monkeypatch):
+    """Under torchrun each rank seeds its sampling before every step from (seed, step, rank),
+    whatever its stream was before: the ranks draw different numbers at every step, the steps
+    differ, and a rank redoing a step (a resumed run) draws what it drew the first time."""
+    draws = []   # (rank, step index, the first numbers rl_step would sample with)
+
+    def fake_step(model, tok, opt, prompts, truths, args, prior, device, ref_model=None):
+        draws.append((ts.RANK, len([d for d in draws if d[0] == ts.RANK]), torch.rand(4)))
+        return {"reward": 0.0, "acc": [0.0] * len(args.budgets), "think_len": 0.0, "clipfrac": 0.0,
+                "approx_kl": 0.0, "gen_tok_s": 0.0, "s_per_step": 0.0}
+    monkeypatch.setattr(ts, "rl_step", fake_step)
+    monkeypatch.setattr(ts, "evaluate_model", lambda *a, **k: {"budgets": [12], "accuracy": [0.0],
+                                                              "anytime_score": 0.0, "mean_think_len": 0.0})
+    monkeypatch.setattr(ts, "save_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr(ts, "any_rank", lambda flag: flag)   # no process group: one process plays each rank
+    monkeypatch.setattr(ts, "WORLD", 2)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
+    data = [{"question": f"q{i}", "answer": "1"} for i in range(8)]
+    args = _step_args("ar-uniform", steps=3, out_dir=str(tmp_path))
+    for rank, start, before in ((0, 0, 1), (1, 0, 1), (0, 1, 2)):   # the last: rank 0 resumed at step 1
+        monkeypatch.setattr(ts, "RANK", rank)
+        torch.manual_seed(before)
+        ts.train(args, model, tok, data, data[:2], lambda q: q, torch.device("cpu"), start_step=start,
+                 data_pos=2 * start)
+    first0, first1, again0 = draws[:3], draws[3:6], draws[6:]
+    for s in range(3):
+        assert not torch.equal(first0[s][2], first1[s][2])            # ranks: their own streams
+    assert not torch.equal(first0[0][2], first0[1][2])                # steps: their own draws
+    assert [torch.equal(x[2], y[2]) for x, y in zip(first0[1:], again0)] == [True, True]
 
 
 @pytest.mark.parametrize("B, G, U, micro, world", [(4, 2, 3, 1, 2), (6, 3, 2, 2, 3), (8, 1, 4, 3, 4),

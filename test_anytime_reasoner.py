@@ -1894,6 +1894,34 @@ def test_resume_keeps_its_algorithm_unless_a_preset_is_given(tmp_path):
     assert settings(ts.parse_args(resume + ["--preset", "grpo", "--prior", "uniform"]))[2] == "uniform"
 
 
+def test_a_resumed_run_compares_with_its_step_0_evaluation(tmp_path):
+    """A resumed run's "before" is the evaluation its first run logged at step 0, not the
+    one at the step it resumes from (rows written by hand, no model call)."""
+    rows = [{"step": s, "budgets": [12], "accuracy": [a], "anytime_score": a, "mean_think_len": 9.0}
+            for s, a in ((0, 0.25), (2, 0.5))]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = ts.tiny_tokenizer()
+    args = _step_args("ar-uniform", steps=2, out_dir=str(tmp_path))
+    first, last = ts.train(args, ts.tiny_model(tok, hidden=32, layers=1), tok, [], [], str, torch.device("cpu"),
+                           start_step=2)
+    assert first["anytime_score"] == 0.25 and last is None
+
+
+def test_evaluate_samples_at_0_6_unless_told(monkeypatch):
+    """ar.evaluate's default temperature is the paper's 0.6: every sequence it generates, the
+    thinking and the summaries, is sampled at 0.6 unless another temperature is asked for."""
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=4)
+    prompts, truths = [ar.format_prompt(tok, q) for q in ("ab", "cd")], ["1", "2"]
+    generate = ar.generate
+    for kw, want in (({}, 0.6), ({"temperature": 1.0}, 1.0)):
+        calls = Recorder(generate)
+        monkeypatch.setattr(ar, "generate", calls)
+        ar.evaluate(model, tok, prompts, truths, [4, 8], summary_max_tokens=4, **kw)
+        used = {inspect.signature(calls.fn).bind(*a, **k).arguments["temperature"] for a, k, _ in calls.calls}
+        assert len(calls.calls) >= 2 and used == {want}
+
+
 def test_training_trains_on_train_and_evaluates_on_test(tmp_path, monkeypatch):
     """A GSM8K run hands train() the --data-dir's train split and the first --eval-size questions
     of its test split, never training questions (answers read by hand off the carried lines)."""

@@ -2160,6 +2160,8 @@ def test_args_is_the_one_source_of_flags_defaults_and_args_json():
     assert (d.updates_per_rollout, d.weight_decay, d.stop_at_box, d.budgets) == (1, 0.0, False, [6, 12, 18, 24])
     assert ts.parse_args(["--demo", "--stop-at-box"]).stop_at_box is True
     assert ts.parse_args(["--stop-at-box", "--updates-per-rollout", "3", "--weight-decay", "0"]).stop_at_box
+    c = ts.parse_args(["--budgets", "100,300"])            # the largest budget is the thinking cap
+    assert (c.budgets, c.max_think, ts.eval_grid(c)) == ([100, 300], 300, [64, 128, 192, 256, 300])
 
 
 def test_figure_title_names_model_preset_temperature_and_questions(tmp_path, monkeypatch):
@@ -2457,6 +2459,12 @@ def test_resume_continues_exactly(tmp_path):
     rows_a, rows_b = jsonl_rows(a / "metrics.jsonl"), jsonl_rows(b / "metrics.jsonl")
     assert [{k: x[k] for k in same} for x in rows_a] == [{k: x[k] for k in same} for x in rows_b]
     assert len({q for x in rows_a for q in x["questions"]}) == 8   # 4 steps x 2 new questions
+    from safetensors.torch import load_file         # the same weights at step 4, resumed or not
+    weights_a, weights_b = (load_file(run / "ckpt" / "model.safetensors") for run in (a, b))
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.allclose(weights_a[k], weights_b[k], rtol=1e-5, atol=1e-7) for k in weights_a)
+    start = load_file(os.path.join(common[1], "model.safetensors"))
+    assert max((weights_a[k] - start[k]).abs().max().item() for k in start) > 1e-4   # and they moved
     # --lr and --weight-decay given on resume replace the saved ones in AdamW's state
     more = run_script("--resume", str(a / "ckpt"), "--steps", "5", "--lr", "0.001", "--weight-decay", "0.05")
     assert more.returncode == 0, more.stderr[-2000:]
@@ -2571,9 +2579,11 @@ def test_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch, capsys)
     import shutil
     shutil.rmtree(ckpt + ".old")         # step 1: the next save would remove it
     os.rename(ckpt, ckpt + ".old")       # an incomplete ckpt beside a complete spare: say where
-    os.makedirs(ckpt)
+    os.makedirs(ckpt)                    # (its weights and trainer state written, args.json not yet)
+    shutil.copy(os.path.join(ckpt + ".old", "trainer_state.pt"), ckpt)
+    shutil.copy(os.path.join(ckpt + ".old", "config.json"), ckpt)
     assert f"{ckpt}.old is a complete checkpoint" in exits_with_one_line(["--resume", ckpt], capsys)
-    os.rmdir(ckpt)
+    shutil.rmtree(ckpt)
     os.rename(ckpt + ".old", ckpt)       # the run folder instead of its checkpoint
     assert f"--resume {ckpt}" in exits_with_one_line(["--resume", str(tmp_path)], capsys)
 

@@ -9,6 +9,7 @@ forwards; the loss gradient against the REINFORCE form.
 import ast
 import builtins
 import copy
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -584,20 +585,22 @@ def test_rl_step_rolls_out_with_the_stop_at_box_flag(monkeypatch, stop_at_box):
     assert bound.arguments["stop_at_box"] is stop_at_box
 
 
-@pytest.mark.parametrize("kl_coef", [0.0, 0.3], ids=["no-kl", "kl"])
-def test_two_updates_follow_the_ppo_schedule(monkeypatch, kl_coef):
+@pytest.mark.parametrize("preset, kl_coef", [("ar-uniform", 0.0), ("ar-uniform", 0.3), ("grpo+decouple", 0.0)],
+                         ids=["no-kl", "kl", "grpo+decouple"])
+def test_two_updates_follow_the_ppo_schedule(monkeypatch, preset, kl_coef):
     """rl_step with 2 updates, 6 traces, micro-batches of 2, T = 0.7, plain SGD: the parameters
     after each optimiser step equal a step computed by hand from the unpacked oracle. Update 1:
     traces 0-2, on-policy, divided by 3 traces x largest budget. Update 2: traces 3-5 only (the
     gradients were zeroed), the ratio against the log-probs from before update 1. With a KL
     coefficient, the penalty is to the reference model handed in (here another network, as the
     frozen start is after some steps), never to the policy. The step's logged reward is the mean
-    of all its scores, its gradient norm the mean of the two updates' norms before clipping."""
+    of all its scores, its gradient norm the mean of the two updates' norms before clipping.
+    grpo+decouple: GRPO advantages for the thinking, the decoupled ones for the summaries."""
     tok = ts.tiny_tokenizer()
     model = ts.tiny_model(tok, hidden=32, layers=1, seed=6)
     ref_model = ts.tiny_model(tok, hidden=32, layers=1, seed=9) if kl_coef else None
-    args = _step_args("ar-uniform", updates_per_rollout=2, temperature=0.7, micro_batch=2, traces=3,
-                      kl_coef=kl_coef)
+    args = _step_args(preset, updates_per_rollout=2, temperature=0.7, micro_batch=2, traces=3, kl_coef=kl_coef)
+    thinking_method, summary_method = {"ar-uniform": ("brpo", "brpo"), "grpo+decouple": ("grpo", "brpo")}[preset]
     rollouts, scored = Recorder(ar.rollout), Recorder(lambda ro, truths: torch.rand(2, 3, 4, 4).round())
     monkeypatch.setattr(ar, "rollout", rollouts)
     monkeypatch.setattr(ar, "score_rollout", scored)
@@ -613,7 +616,7 @@ def test_two_updates_follow_the_ppo_schedule(monkeypatch, kl_coef):
     assert len(after) == 2
     ro, scores = rollouts.calls[0][2], scored.calls[0][2]
     traces = [(b, g) for b in range(2) for g in range(3)]
-    think_adv, summ_adv = ar.rollout_advantages(ro, scores, prior, "brpo", "brpo")
+    think_adv, summ_adv = ar.rollout_advantages(ro, scores, prior, thinking_method, summary_method)
     norms, ratios, kls = [], [], []          # per update: pre-clip gradient norm, per-token ratio and k3
 
     def by_hand(net, old_net, update):
@@ -2818,6 +2821,31 @@ def test_the_readme_torchrun_commands_are_valid(tmp_path, monkeypatch):
         ts.check_distributed(ts.parse_args(launch.training_script_args))   # exits on a refused flag
 
 
+@pytest.mark.parametrize("preset, prior", [("ar-linear", [0.1, 0.2, 0.3, 0.4]), ("ar-base", [0, 0, 0, 1])])
+def test_train_weights_the_budgets_by_the_preset_s_prior(tmp_path, monkeypatch, preset, prior):
+    """train() hands each step the prior of its preset over budgets 3, 6, 9, 12 (by hand:
+    linear b_s / sum b, base all on the last) and the demo's problems: the held-out ones are
+    the same for every seed, the training ones are drawn from the seed."""
+    priors = []
+
+    def fake_step(model, tok, opt, prompts, truths, args, prior, device, ref_model=None):
+        priors.append(prior)
+        return {"reward": 0.0, "acc": [0.0] * 4, "think_len": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
+                "gen_tok_s": 0.0, "s_per_step": 0.0}
+    monkeypatch.setattr(ts, "rl_step", fake_step)
+    monkeypatch.setattr(ts, "evaluate_model", lambda *a, **k: {"budgets": [12], "accuracy": [0.0],
+                                                              "anytime_score": 0.0, "mean_think_len": 0.0})
+    monkeypatch.setattr(ts, "save_checkpoint", lambda *a, **k: None)
+    tok = ts.tiny_tokenizer()
+    args = _step_args(preset, steps=1, out_dir=str(tmp_path))
+    assert args.budgets == [3, 6, 9, 12]
+    train_set, eval_set = ts.demo_data(args)
+    ts.train(args, ts.tiny_model(tok, hidden=32, layers=1), tok, train_set, eval_set, str, torch.device("cpu"))
+    assert len(priors) == 1 and torch.allclose(priors[0], torch.tensor(prior, dtype=torch.float32))
+    other_train, other_eval = ts.demo_data(dataclasses.replace(args, seed=args.seed + 1))
+    assert other_eval == eval_set and other_train[:50] != train_set[:50]
+
+
 def test_each_rank_samples_from_its_own_stream_of_seed_and_step(tmp_path, monkeypatch):
     """Under torchrun each rank seeds its sampling before every step from (seed, step, rank),
     whatever its stream was before: the ranks draw different numbers at every step, the steps
@@ -2844,9 +2872,8 @@ def test_each_rank_samples_from_its_own_stream_of_seed_and_step(tmp_path, monkey
         ts.train(args, model, tok, data, data[:2], lambda q: q, torch.device("cpu"), start_step=start,
                  data_pos=2 * start)
     first0, first1, again0 = draws[:3], draws[3:6], draws[6:]
-    for s in range(3):
-        assert not torch.equal(first0[s][2], first1[s][2])            # ranks: their own streams
-    assert not torch.equal(first0[0][2], first0[1][2])                # steps: their own draws
+    distinct = {tuple(d[2].tolist()) for d in first0 + first1}
+    assert len(distinct) == 6        # every (rank, step) its own stream: rank 0 step 1 is not rank 1 step 0
     assert [torch.equal(x[2], y[2]) for x, y in zip(first0[1:], again0)] == [True, True]
 
 

@@ -2825,7 +2825,8 @@ def test_the_readme_torchrun_commands_are_valid(tmp_path, monkeypatch):
 def test_train_weights_the_budgets_by_the_preset_s_prior(tmp_path, monkeypatch, preset, prior):
     """train() hands each step the prior of its preset over budgets 3, 6, 9, 12 (by hand:
     linear b_s / sum b, base all on the last) and the demo's problems: the held-out ones are
-    the same for every seed, the training ones are drawn from the seed."""
+    the same for every seed, the training ones are drawn from the seed. A fresh run into a
+    folder with an earlier run's logs starts both logs afresh."""
     priors = []
 
     def fake_step(model, tok, opt, prompts, truths, args, prior, device, ref_model=None):
@@ -2840,8 +2841,12 @@ def test_train_weights_the_budgets_by_the_preset_s_prior(tmp_path, monkeypatch, 
     args = _step_args(preset, steps=1, out_dir=str(tmp_path))
     assert args.budgets == [3, 6, 9, 12]
     train_set, eval_set = ts.demo_data(args)
+    for name in ("metrics.jsonl", "eval.jsonl"):     # an earlier run's logs: a fresh run starts them afresh
+        (tmp_path / name).write_text('{"step": 7}\n')
     ts.train(args, ts.tiny_model(tok, hidden=32, layers=1), tok, train_set, eval_set, str, torch.device("cpu"))
     assert len(priors) == 1 and torch.allclose(priors[0], torch.tensor(prior, dtype=torch.float32))
+    assert [r["step"] for r in jsonl_rows(tmp_path / "metrics.jsonl")] == [1]
+    assert [r["step"] for r in jsonl_rows(tmp_path / "eval.jsonl")] == [0, 1]
     other_train, other_eval = ts.demo_data(dataclasses.replace(args, seed=args.seed + 1))
     assert other_eval == eval_set and other_train[:50] != train_set[:50]
 

@@ -1925,6 +1925,15 @@ def test_evaluate_samples_at_0_6_unless_told(monkeypatch):
         assert len(calls.calls) >= 2 and used == {want}
 
 
+def test_the_demo_s_other_runs_take_their_own_preset():
+    """The demo's GRPO run and each ablation run are built from the first run's arguments with
+    another preset: its prior, methods, A and budgets, not the first run's (values by hand)."""
+    first = ts.parse_args(["--demo", "--preset", "ar-linear"])
+    settings = lambda a: (a.preset, a.num_summaries, a.prior, a.thinking_method, a.summary_method, a.budgets)
+    assert settings(ts.preset_args(first, "grpo")) == ("grpo", 1, "base", "grpo", "grpo", [24])
+    assert settings(ts.preset_args(first, "grpo+vr")) == ("grpo+vr", 1, "base", "brpo", "grpo", [6, 12, 18, 24])
+
+
 def test_training_trains_on_train_and_evaluates_on_test(tmp_path, monkeypatch):
     """A GSM8K run hands train() the --data-dir's train split and the first --eval-size questions
     of its test split, never training questions (answers read by hand off the carried lines)."""

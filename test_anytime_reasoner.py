@@ -2830,6 +2830,18 @@ def test_the_readme_torchrun_commands_are_valid(tmp_path, monkeypatch):
         ts.check_distributed(ts.parse_args(launch.training_script_args))   # exits on a refused flag
 
 
+def _train_without_a_model(monkeypatch, on_step):
+    """train() with its steps, evaluations and saves stubbed: on_step(args, prior) at each step."""
+    def fake_step(model, tok, opt, prompts, truths, args, prior, device, ref_model=None):
+        on_step(args, prior)
+        return {"reward": 0.0, "acc": [0.0] * len(args.budgets), "think_len": 0.0, "clipfrac": 0.0,
+                "approx_kl": 0.0, "gen_tok_s": 0.0, "s_per_step": 0.0}
+    monkeypatch.setattr(ts, "rl_step", fake_step)
+    monkeypatch.setattr(ts, "evaluate_model", lambda *a, **k: {"budgets": [12], "accuracy": [0.0],
+                                                              "anytime_score": 0.0, "mean_think_len": 0.0})
+    monkeypatch.setattr(ts, "save_checkpoint", lambda *a, **k: None)
+
+
 @pytest.mark.parametrize("preset, prior", [("ar-linear", [0.1, 0.2, 0.3, 0.4]), ("ar-base", [0, 0, 0, 1])])
 def test_train_weights_the_budgets_by_the_preset_s_prior(tmp_path, monkeypatch, preset, prior):
     """train() hands each step the prior of its preset over budgets 3, 6, 9, 12 (by hand:
@@ -2837,15 +2849,7 @@ def test_train_weights_the_budgets_by_the_preset_s_prior(tmp_path, monkeypatch, 
     the same for every seed, the training ones are drawn from the seed. A fresh run into a
     folder with an earlier run's logs starts both logs afresh."""
     priors = []
-
-    def fake_step(model, tok, opt, prompts, truths, args, prior, device, ref_model=None):
-        priors.append(prior)
-        return {"reward": 0.0, "acc": [0.0] * 4, "think_len": 0.0, "clipfrac": 0.0, "approx_kl": 0.0,
-                "gen_tok_s": 0.0, "s_per_step": 0.0}
-    monkeypatch.setattr(ts, "rl_step", fake_step)
-    monkeypatch.setattr(ts, "evaluate_model", lambda *a, **k: {"budgets": [12], "accuracy": [0.0],
-                                                              "anytime_score": 0.0, "mean_think_len": 0.0})
-    monkeypatch.setattr(ts, "save_checkpoint", lambda *a, **k: None)
+    _train_without_a_model(monkeypatch, lambda args, prior: priors.append(prior))
     tok = ts.tiny_tokenizer()
     args = _step_args(preset, steps=1, out_dir=str(tmp_path))
     assert args.budgets == [3, 6, 9, 12]
@@ -2865,15 +2869,8 @@ def test_each_rank_samples_from_its_own_stream_of_seed_and_step(tmp_path, monkey
     whatever its stream was before: the ranks draw different numbers at every step, the steps
     differ, and a rank redoing a step (a resumed run) draws what it drew the first time."""
     draws = []   # (rank, step index, the first numbers rl_step would sample with)
-
-    def fake_step(model, tok, opt, prompts, truths, args, prior, device, ref_model=None):
-        draws.append((ts.RANK, len([d for d in draws if d[0] == ts.RANK]), torch.rand(4)))
-        return {"reward": 0.0, "acc": [0.0] * len(args.budgets), "think_len": 0.0, "clipfrac": 0.0,
-                "approx_kl": 0.0, "gen_tok_s": 0.0, "s_per_step": 0.0}
-    monkeypatch.setattr(ts, "rl_step", fake_step)
-    monkeypatch.setattr(ts, "evaluate_model", lambda *a, **k: {"budgets": [12], "accuracy": [0.0],
-                                                              "anytime_score": 0.0, "mean_think_len": 0.0})
-    monkeypatch.setattr(ts, "save_checkpoint", lambda *a, **k: None)
+    _train_without_a_model(monkeypatch, lambda args, prior: draws.append(
+        (ts.RANK, len([d for d in draws if d[0] == ts.RANK]), torch.rand(4))))
     monkeypatch.setattr(ts, "any_rank", lambda flag: flag)   # no process group: one process plays each rank
     monkeypatch.setattr(ts, "WORLD", 2)
     tok = ts.tiny_tokenizer()

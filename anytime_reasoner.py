@@ -15,21 +15,21 @@ decoupled advantage, and one PPO-clip loss trains both (anytime_loss).
 
 Run it:
     python train_small.py                      # one GPU, Qwen2.5-0.5B-Instruct on GSM8K
-    python train_small.py --demo               # CPU, offline, about 3 minutes
+    python train_small.py --demo               # CPU, offline, 2 to 5 minutes
+    python -m experiments.worked_example       # BRPO's numbers on a hand-made case, 2 seconds
     python -m pytest -q test_anytime_reasoner.py
 
-Reading order: the algorithm is sections 1 and 3-10, in the order data flows:
-    1 prompts -> 3 budget prior -> 4 rollout -> 5 rewards -> 6 advantages
-    (thinking_advantages: BRPO; summary_advantages: decoupled) -> 7 packed
-    log-probs -> 8 the loss (anytime_loss, the whole objective) -> 9 evaluation
-    -> 10 the paper's runs (PRESETS).
-Skip on a first read: section 2, the answer checker (long only because it must
-be safe on model text: no eval, bounded time; its interface is extract_answer
-and answers_match), and the appendices after section 10: A, the tensor shape
-checks, and B, the sampling engine (generate(): Hugging Face `generate` with the
-stopping rules and the reuse of the thinking's KV cache for the summaries).
-Sections 2, 3, 6 and 8 (policy_loss) need only torch and sympy; transformers is
-imported only where generation needs it.
+Reading order: top to bottom is the algorithm, in the order data flows:
+    1 prompts -> 2 budget prior -> 3 rollout -> 4 rewards -> 5 advantages
+    (thinking_advantages: BRPO; summary_advantages: decoupled) -> 6 packed
+    log-probs -> 7 the loss (anytime_loss, the whole objective) -> 8 evaluation
+    -> 9 the paper's runs (PRESETS).
+Then the engineering, to skip on a first read: appendix A, the answer checker
+(long only because it must be safe on model text: no eval, bounded time; its
+interface is extract_answer and answers_match); B, the tensor shape checks; C,
+the sampling engine (generate(): Hugging Face `generate` with the stopping rules
+and the reuse of the thinking's KV cache for the summaries). Everything but
+generation needs only torch and sympy; transformers is imported where it is used.
 
 Shapes used throughout (letters defined once, here):
     B questions, G thinking traces per question, S budgets, A summaries per
@@ -37,8 +37,8 @@ Shapes used throughout (letters defined once, here):
 Every public function checks the rank of its tensors and that the letters agree
 between its arguments; a wrong shape is a ValueError that names the expected one.
 
-The objective (b_s the budgets, p_s the prior, r[g,s] the mean score of trace
-g's summaries at budget s):
+The objective (b_s the budgets, s = 0..S-1, b_{-1} = 0, p_s the prior, r[g,s] the
+mean score of trace g's summaries at budget s; at s = 0 the baseline is V2 alone):
     J       = sum_s p_s * E[score of the answer given after the thinking is cut at b_s]
     R[g,s]  = sum_{k>=s} p_k r[g,k]          return of thinking segment (b_{s-1}, b_s]
     V2[g,s] = mean over the G traces of R[.,s]    the group baseline, as in GRPO
@@ -48,7 +48,7 @@ Tokens of segment s can only change the answers at budgets s and later, hence
 the sum over k >= s. V1 predicts those answers from the ones the trace already
 gave: the answer at budget k is made from a longer thought than the one at k-1,
 so it is better evidence of where the trace stands now, and the weights 2^k
-double from one budget to the next (the latest answer weighs as much as all
+double from one budget to the next (the latest answer weighs more than all
 earlier ones together). Early on, V1 rests on few answers and V2 is the better
 guess; late, the trace's own history is: hence the weights s/S and (S-s)/S.
 The paper shows this mix has a lower variance than either baseline alone
@@ -57,62 +57,32 @@ The paper shows this mix has a lower variance than either baseline alone
 Words used here:
     KV cache      the keys and values of every attention layer for the tokens
                   already read. Generation appends one token at a time and reuses
-                  them; the summaries start from the thinking's cache (appendix B).
+                  them; the summaries start from the thinking's cache (appendix C).
     packed tree   one training row per trace: prompt, thinking, then every
                   summary block; an attention mask lets each summary see only the
-                  thinking up to its cut (the diagram in section 7).
+                  thinking up to its cut (the diagram in section 6).
     sdpa, eager   two attention implementations of Hugging Face models: PyTorch's
                   fused scaled_dot_product_attention, and a plain matmul-softmax.
                   The packed mask is an additive 4-D tensor that works with both.
     PPO-clip      the policy-gradient loss whose probability ratio new/old is
                   clipped to [1 - eps, 1 + eps]. At ratio 1 (on-policy) its
                   gradient is REINFORCE's, -A * grad log pi.
-    verl, vLLM    the RL library the authors forked and the fast inference engine
-                  it samples with; neither is used here.
 
-Where this file departs from the paper (the authors' code, a verl fork with
-vLLM on 8 GPUs, is followed where it and the paper differ):
- 1. Rollouts use Hugging Face `generate` (no vLLM). Thinking stops at the
-    first `</think>` (one special token or several ordinary ones), EOS, or the
-    last budget. Summaries run to EOS or `summary_max_tokens`, as the authors'
-    (they cap all their summaries at 118 tokens); `stop_at_box=True` stops each
-    one as soon as its box closes, a shortcut that never samples or trains the
-    summary's EOS.
- 2. Budgets whose summary prompts are identical (a trace that closed before
-    them, or whose EOS they reach) share one prompt, sampled once with A
-    summaries per budget that collapsed, as the authors do. The authors then
-    give each collapsed budget the mean of its own chunk of A samples; here
-    r[g, s] is the mean of all k*A samples of the shared prompt (same
-    expectation; for a prompt shared by k budgets, 1/k of the variance). The
-    sibling baseline of those summaries (A > 1) is that pooled mean in both.
-    With A = 1 the summary baseline is, as the authors', the mean over the G
-    traces of each budget slot's own score.
- 3. The loss is the sum over trained tokens divided by a constant, traces in
-    the update x largest budget, so micro-batches add up exactly. The authors'
-    loss has the same form with another constant: their update rescales each
-    micro-batch's mean, which makes it the sum over trained tokens divided by
-    mini-batch traces x the padded response length (10176 in their runs).
- 4. The answer checker builds sympy expressions with its own small parser and
-    never calls `sympify`/`parse_expr` (they `eval` model text). Boxes joined by
-    ",", "and" or "or" are one list where the authors take the last box (the
-    hedge "\\boxed{6} and \\boxed{8}" is not 8). Integers and fractions compare
-    exactly; a written decimal matches a value within half a unit of its last
-    digit and within 1e-6 of it, relative, and two decimals only if equal (the
-    authors' grader has no tolerance). The "**Final Answer**" paragraph starts
-    after any whitespace following the heading, blank lines included, and a line
-    of spaces or tabs ends it; the authors split the summary at "\\n\\n" only and
-    need the heading's own line to go on, so there a summary that opens with a
-    blank line scores 0, and a line of spaces does not end the paragraph.
- 5. Summary advantage "grpo" with A > 1 trains all A summaries of the last
-    budget; the authors' code trains only the last of them (no paper run uses
-    that combination).
-Followed as the authors do, where the paper leaves room: a trace that ends in
-EOS is cut like a running one, so the budgets that reach its EOS see it in
-their summary prompt and score 0, and earlier budgets are graded normally; PPO
-makes 2 updates per rollout (mini-batches of half the traces) against old
-log-probs computed once, with the 0.2 clip (train_small.py; 1 update is the
-fast on-policy path); the loss uses log softmax(logits / temperature), the
-distribution the rollout sampled from; AdamW weight decay 0.01.
+Where this departs from the paper, which follows the authors' code (a verl fork,
+vLLM, 8 GPUs) where the two differ; the reasons are in docs/departures.md:
+ 1. Rollouts use Hugging Face `generate`, not vLLM; summaries run to EOS or
+    summary_max_tokens (stop_at_box=True stops them at their box: opt-in).
+ 2. Budgets that share one summary prompt share the mean of all its k*A samples
+    (the authors: each budget the mean of its own A).
+ 3. The loss divides by a constant, traces in the update x largest budget.
+ 4. The answer checker never evals: its own parser, box lists ("6 and 8" is not
+    8), rounded decimals within 1e-6, blank lines around the answer paragraph.
+ 5. summary_method "grpo" with A > 1 trains all A summaries of the last budget
+    (the authors: only the last of them; no paper run uses that combination).
+As the authors, where the paper leaves room: a trace ending in EOS is cut like
+a running one and scores 0 where its EOS is in the summary prompt; 2 PPO updates
+per rollout against old log-probs computed once (train_small.py); the loss uses
+log softmax(logits / temperature), the distribution the rollout sampled from.
 """
 from __future__ import annotations
 
@@ -121,6 +91,7 @@ import functools
 import operator
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import SimpleNamespace
@@ -129,6 +100,7 @@ from typing import Tuple, Union
 import sympy
 import torch
 from torch.utils.checkpoint import checkpoint
+
 
 # ----------------------------------------------------------------------------
 # 1. Prompts and text format
@@ -178,18 +150,755 @@ def stop_ids(tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------
-# 2. Answer checker (sympy, never eval); the score built on it is in section 5
+# 2. Budgets and the budget prior
+# ----------------------------------------------------------------------------
+
+def evenly_spaced_budgets(max_think: int, num_budgets: int) -> list[int]:
+    """b_s = max_think * (s+1) / S, s = 0..S-1 (rounded to whole tokens)."""
+    if max_think < 1 or num_budgets < 1 or num_budgets > max_think:
+        raise ValueError(f"need 1 <= num_budgets <= max_think, got {num_budgets}, {max_think}")
+    return [round(max_think * (s + 1) / num_budgets) for s in range(num_budgets)]
+
+
+def check_budgets(budgets) -> list[int]:
+    """The S budgets as a list of ints: positive, strictly increasing. Takes a list, a
+    tuple, a 1-D tensor or a 1-D numpy array of whole numbers."""
+    if hasattr(budgets, "tolist"):                       # a tensor or an array
+        if getattr(budgets, "ndim", 1) != 1:
+            raise ValueError(f"budgets must be 1-D, [S] token counts; got shape {tuple(budgets.shape)}")
+        budgets = budgets.tolist()
+    budgets = list(budgets)
+    if not budgets:
+        raise ValueError("budgets must not be empty")
+    try:
+        if any(isinstance(b, bool) for b in budgets):
+            raise TypeError
+        budgets = [operator.index(b) for b in budgets]   # ints, numpy ints; not 1.5, not 128.0
+    except TypeError:
+        raise ValueError(f"budgets must be positive integers, got {budgets}") from None
+    if any(b <= 0 for b in budgets):
+        raise ValueError(f"budgets must be positive integers, got {budgets}")
+    if any(b2 <= b1 for b1, b2 in zip(budgets, budgets[1:])):
+        raise ValueError(f"budgets must be strictly increasing (sorted, no duplicates), got {budgets}")
+    return budgets
+
+
+PRIORS = ("uniform", "linear", "base")
+
+
+def budget_prior(kind: str, budgets) -> torch.Tensor:
+    """p, the weight of each of the S budgets in the objective; sums to 1.  -> S
+
+    uniform: p_s = 1/S;  linear: p_s = b_s / sum(b);  base: all mass on the last
+    budget (plain final-answer RL). The prior only weights rewards: every budget is
+    evaluated for every trace, none is sampled.
+    """
+    budgets = check_budgets(budgets)
+    b = torch.tensor(budgets, dtype=torch.float32)  # S
+    if kind == "uniform":
+        p = torch.ones_like(b)
+    elif kind == "linear":
+        p = b.clone()
+    elif kind == "base":
+        p = torch.zeros_like(b)
+        p[-1] = 1.0
+    else:
+        raise ValueError(f"unknown prior {kind!r}; choose one of {', '.join(PRIORS)}")
+    return p / p.sum()
+
+
+# ----------------------------------------------------------------------------
+# 3. Rollout: think once, cut at every budget, summarise after every cut
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """Everything one rollout produced; the loss and the evaluation read this."""
+    budgets: list[int]                   # S
+    prompt_ids: list[list[int]]          # B token lists (no padding)
+    think_ids: list[list[list[int]]]     # B x G thinking tokens, incl. the closing </think> or EOS
+    closed: torch.Tensor                 # B,G bool: thinking ended with </think>
+    ended_eos: torch.Tensor              # B,G bool: thinking ended with EOS
+    cuts: torch.Tensor                   # B,G,S long: thinking tokens the summary at budget s sees
+    truncated: torch.Tensor              # B,G,S bool: the summary prompt got the "..." insert
+    prompt_index: torch.Tensor           # B,G,S long: budget whose summary prompt s shares (pooling)
+    summary_ids: list = field(default_factory=list)   # B x G x S x A token lists
+    summary_text: list = field(default_factory=list)  # B x G x S x A strings
+    seconds: dict = field(default_factory=dict)       # wall-clock: {"think": s, "summary": s}
+
+    @property
+    def think_len(self) -> torch.Tensor:  # B,G
+        return torch.tensor([[len(t) for t in row] for row in self.think_ids])
+
+    @property
+    def cut_has_eos(self) -> torch.Tensor:  # B,G,S: the summary prompt holds the trace's EOS
+        return self.ended_eos[..., None] & (self.cuts == self.think_len[..., None])
+
+
+def summary_prompts(length: int, why: str, budgets: list[int]) -> tuple[list[int], list[bool], list[int]]:
+    """Where each budget's summary prompt cuts one trace of `length` tokens that stopped
+    for `why` ('think': `</think>`, 'eos', 'max': it reached the last budget).
+
+    Returns (cuts[S], truncated[S], prompt_index[S]). A trace that closed with
+    `</think>` within b_s is shown whole, with no ellipsis; otherwise it is cut
+    at b_s and gets the "..." insert. A trace that ended in EOS is cut like a
+    running one, so from the budget that reaches its EOS on, the cut includes
+    that EOS (as the authors do; those budgets score 0, see score_rollout).
+    Budgets whose prompts come out identical point (prompt_index) at the first.
+    """
+    cuts, truncated, index = [], [], []
+    for s, b in enumerate(budgets):
+        whole = why == "think" and length <= b
+        cuts.append(length if whole else min(b, length))
+        truncated.append(not whole)
+        same = [k for k in range(s) if cuts[k] == cuts[s] and truncated[k] == truncated[s]]
+        index.append(same[0] if same else s)
+    return cuts, truncated, index
+
+
+def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces: int,
+            num_summaries: int, temperature: float = 1.0, summary_max_tokens: int = 64,
+            think_batch_size: int = 64, summary_batch_size: int = 256, stop_at_box: bool = False,
+            progress=None, reuse_cache: bool = True) -> Rollout:
+    """Think once, cut at every budget, summarise after every cut.
+
+    1. G thinking traces per prompt, each at most b_{S-1} tokens, stopping at `</think>` or EOS.
+    2. For each trace and budget b_s a summary prompt: prompt + thinking[:b_s] + "...\n\n...\n\n
+       </think>\n\n**Final Answer**\n" if the trace was still running at b_s, or prompt + the
+       whole thinking + "\n\n**Final Answer**\n" if it closed with `</think>` within b_s.
+    3. A summaries per (trace, budget), at the same temperature; they stop at EOS.
+    The sampling itself is generate() (appendix C).
+
+    The summaries start from the thinking's KV cache: a summary prompt is the trace's own
+    prompt + thinking[:cut] + an insert, so only the insert is encoded again
+    (`reuse_cache=False` re-encodes every summary prompt: the same distribution, slower).
+    The thinking cache of all B*G traces stays in memory until the summaries are done
+    (Qwen2.5-0.5B in bf16, 128 traces of ~650 tokens: about 1 GB).
+    `progress(n)` is called with the number of rows finished, if given.
+    """
+    budgets = check_budgets(budgets)
+    if isinstance(prompts, str) or not prompts or num_traces < 1 or num_summaries < 1:
+        raise ValueError(f"need a non-empty list of prompts, num_traces >= 1 and num_summaries >= 1; got "
+                         f"{type(prompts).__name__} of {len(prompts)}, {num_traces}, {num_summaries}")
+    t0 = time.perf_counter()
+    B, G, S, A = len(prompts), num_traces, len(budgets), num_summaries
+    think_end, eos = encode(tokenizer, THINK_END), set(stop_ids(tokenizer))
+    prompt_ids = [encode(tokenizer, p) for p in prompts]
+
+    # 1. thinking: B*G rows, at most b_{S-1} new tokens; its KV cache is kept for step 3
+    flat, why, kv = generate(model, tokenizer, [p for p in prompt_ids for _ in range(G)], budgets[-1],
+                             temperature, think_batch_size, think_end=think_end, keep_cache=True,
+                             progress=progress)
+    think_ids = [flat[b * G:(b + 1) * G] for b in range(B)]
+    t1 = time.perf_counter()  # generate() ends reading its tokens back: the device is done
+
+    # 2. one summary prompt per distinct (trace, cut, insert)
+    cuts = torch.zeros(B, G, S, dtype=torch.long)
+    truncated = torch.zeros(B, G, S, dtype=torch.bool)
+    prompt_index = torch.zeros(B, G, S, dtype=torch.long)
+    closed = torch.zeros(B, G, dtype=torch.bool)
+    ended_eos = torch.zeros(B, G, dtype=torch.bool)
+    inserts = insert_ids(tokenizer)
+    jobs = []  # (b, g, budgets sharing the prompt, token ids, tokens shared with the trace)
+    for b in range(B):
+        for g in range(G):
+            think, n = think_ids[b][g], b * G + g
+            closed[b, g], ended_eos[b, g] = why[n] == "think", why[n] == "eos"
+            c, t, idx = summary_prompts(len(think), why[n], budgets)
+            cuts[b, g], truncated[b, g], prompt_index[b, g] = torch.tensor(c), torch.tensor(t), torch.tensor(idx)
+            for s in sorted(set(idx)):
+                shared = [k for k in range(S) if idx[k] == s]
+                jobs.append((b, g, shared, prompt_ids[b] + think[:c[s]] + inserts[t[s]], len(prompt_ids[b]) + c[s]))
+
+    # 3. A summaries per budget; a prompt shared by k budgets is sampled k*A times and
+    #    encoded once (generate() shares the KV cache of identical rows). Every prompt starts
+    #    with its trace's prompt + thinking[:cut]: those keys and values come from the
+    #    thinking's cache (same tokens, same positions), only the insert is encoded.
+    rows, owner, reused = [], [], []  # per summary row: its prompt, its trace, tokens shared with it
+    for b, g, shared, ids, n in jobs:
+        k = len(shared) * A
+        rows += [ids] * k
+        owner += [b * G + g] * k
+        reused += [n] * k
+    sampled = generate(model, tokenizer, rows, summary_max_tokens, temperature, summary_batch_size,
+                       stop_at_box=stop_at_box, prefix=(kv, owner, reused) if reuse_cache else None,
+                       progress=progress)
+    del kv  # the thinking's cache: not needed any more
+    summary_ids = [[[[None] * A for _ in range(S)] for _ in range(G)] for _ in range(B)]
+    summary_text = [[[[None] * A for _ in range(S)] for _ in range(G)] for _ in range(B)]
+    it = iter(sampled)
+    for b, g, shared, _, _ in jobs:
+        for s in shared:
+            for a in range(A):
+                ids = next(it)
+                summary_ids[b][g][s][a] = ids
+                text_ids = [t for t in ids if t not in eos]
+                summary_text[b][g][s][a] = tokenizer.decode(text_ids, skip_special_tokens=False)
+    return Rollout(budgets, prompt_ids, think_ids, closed, ended_eos, cuts, truncated, prompt_index,
+                   summary_ids, summary_text, {"think": t1 - t0, "summary": time.perf_counter() - t1})
+
+
+# ----------------------------------------------------------------------------
+# 4. Rewards (answers read by extract_answer and compared by answers_match: appendix A)
+# ----------------------------------------------------------------------------
+
+def score_summary(summary_text: str, truth: str, cut_has_eos: bool = False) -> float:
+    """1.0 if the answer is right AND exactly one `</think>` was seen, else 0.
+
+    The summary is the text sampled after the `**Final Answer**` heading; its answer
+    is the last box of its first paragraph (extract_answer), compared with the truth
+    by answers_match. Both summary prompts already hold exactly one `</think>` (the
+    trace's own or the inserted one), so a summary is well formatted iff it adds
+    none. A summary whose prompt holds the trace's EOS (a trace that ended in EOS,
+    at the budgets that reach it) scores 0; budgets cut before that EOS are graded
+    normally.
+    """
+    if cut_has_eos or THINK_END in summary_text:
+        return 0.0
+    return float(answers_match(extract_answer(ANSWER_HEADING + "\n" + summary_text), truth))
+
+
+def completion_reward(completions: list, answer: list, **kwargs) -> list[float]:
+    """score_summary's rule for whole completions, as a TRL `reward_funcs` function.
+
+    A completion scores 1.0 iff it holds exactly one `</think>` and the text after
+    it holds the right answer: the last box of its `**Final Answer**` paragraph, or,
+    if no heading follows `</think>`, the last box of all the text after it. The
+    thinking is never read as the answer. `<think>` is not looked for: the prompt
+    may open it (format_prompt does, and so do R1-style chat templates) or the
+    completion may. completions: strings, or per completion a list of chat messages
+    ({"role", "content"}), as TRL passes for conversational datasets. answer: the
+    dataset column, one truth per completion; GSM8K's raw solutions count ("...
+    #### 1,234" is 1234). Other keyword arguments (prompts, other columns) are
+    ignored. Returns one float per completion. Warns once if a batch holds boxed
+    answers but no `</think>` (a trainer that decoded with skip_special_tokens).
+    """
+    if isinstance(completions, str) or isinstance(answer, str):
+        raise TypeError("completion_reward takes lists, one completion per answer: completion_reward([text], "
+                        f"[truth]); got {type(completions).__name__} and {type(answer).__name__}")
+    if len(completions) != len(answer):
+        raise ValueError(f"completion_reward: {len(completions)} completions but {len(answer)} answers")
+    try:
+        texts = [c if isinstance(c, str) else "".join(m["content"] for m in c) for c in completions]
+    except (TypeError, KeyError):
+        raise TypeError("completion_reward: each completion must be a string or a list of chat messages "
+                        "with a 'content' key") from None
+    if any("\\boxed" in t for t in texts) and not any(THINK_END in t for t in texts):
+        _think_end_dropped_warning()  # a tokenizer whose </think> is special, decoded without it
+    rewards = []
+    for text, truth in zip(texts, answer):
+        truth = str(truth)
+        if "####" in truth:  # GSM8K: reasoning, then "#### 1,234" (answers_match reads 1,234 as 1234)
+            truth = truth.rpartition("####")[2]
+        after = text.partition(THINK_END)[2]
+        at = after.find(ANSWER_HEADING)
+        # After the heading: a summary. No heading: all the text is one paragraph.
+        summary = after[at + len(ANSWER_HEADING):] if at != -1 else after.replace("\n", " ")
+        rewards.append(score_summary(summary, truth) if text.count(THINK_END) == 1 else 0.0)
+    return rewards
+
+
+@functools.lru_cache(maxsize=1)  # the body runs once: the warning is said once per process
+def _think_end_dropped_warning():
+    warnings.warn("completion_reward: some completions hold a \\boxed answer but none holds </think>, so all "
+                  "score 0. If </think> is a special token of your tokenizer, your trainer removed it when "
+                  "decoding (TRL decodes with skip_special_tokens=True). Fix: score the token ids, decoded with "
+                  "it kept: reward_funcs=lambda completion_ids, answer, **kw: "
+                  "ar.completion_reward(tokenizer.batch_decode(completion_ids), answer)", stacklevel=4)
+
+
+def score_rollout(ro: Rollout, truths: list[str]) -> torch.Tensor:
+    """Score of every summary by score_summary, Tensor[B, G, S, A] of 0/1."""
+    has_eos = ro.cut_has_eos                                                    # B,G,S
+    return torch.tensor([[[[score_summary(text, truths[b], bool(has_eos[b, g, s])) for text in per_budget]
+                           for s, per_budget in enumerate(per_trace)]
+                          for g, per_trace in enumerate(per_question)]
+                         for b, per_question in enumerate(ro.summary_text)])
+
+
+# ----------------------------------------------------------------------------
+# 5. Advantages: BRPO for the thinking, decoupled for the summaries
+# ----------------------------------------------------------------------------
+
+def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    """r[b,g,s]: mean score of the summaries at budget s, pooled over budgets sharing a prompt.
+
+    scores: B,G,S,A.  prompt_index: B,G,S (budget whose prompt s uses) or None  ->  B,G,S
+    """
+    sizes, scores = _expect("scores", scores, "B,G,S,A"), _floats(scores)
+    if prompt_index is None:
+        return scores.mean(-1)
+    _expect("prompt_index", prompt_index, "B,G,S", sizes)
+    A = scores.shape[-1]
+    sums = torch.zeros(scores.shape[:-1], dtype=scores.dtype).scatter_add_(
+        -1, prompt_index, scores.sum(-1))                                   # B,G,S
+    counts = torch.zeros_like(sums).scatter_add_(
+        -1, prompt_index, torch.full_like(sums, float(A)))                  # B,G,S
+    return (sums / counts.clamp(min=1)).gather(-1, prompt_index)
+
+
+def returns_to_go(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """R[g,s] = sum_{k>=s} p_k r[g,k].   scores: B,G,S;  prior: S  ->  B,G,S"""
+    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
+    return (_floats(scores) * prior).flip(-1).cumsum(-1).flip(-1)
+
+
+def v2_baseline(returns: torch.Tensor) -> torch.Tensor:
+    """V2[g,s] = mean over the G traces of R[.,s] (trace itself included); 0 when G = 1.
+
+    returns: B,G,S  ->  B,G,S"""
+    _expect("returns", returns, "B,G,S")
+    returns = _floats(returns)
+    if returns.shape[1] == 1:
+        return torch.zeros_like(returns)
+    return returns.mean(1, keepdim=True).expand_as(returns)
+
+
+def v1_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """V1[g,s] = prev[g,s] * sum_{k>=s} p_k, prev = sum_{k<s} 2^k r[g,k] / sum_{k<s} 2^k; V1[g,0] = 0.
+
+    scores: B,G,S;  prior: S  ->  B,G,S.  The trace's own answers so far, later ones weighted
+    more (each budget twice the one before: the module docstring says why).
+    """
+    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
+    scores, S = _floats(scores), scores.shape[-1]
+    w = 2.0 ** torch.arange(S, dtype=scores.dtype)                 # S
+    num = (scores * w).cumsum(-1) - scores * w                     # sum over k < s (exclusive)
+    den = w.cumsum(-1) - w                                         # 0 at s = 0
+    prev = num / den.clamp(min=1.0)                                # prev[.., 0] = 0 / 1 = 0
+    tail = prior.flip(-1).cumsum(-1).flip(-1)                      # sum_{k>=s} p_k, S
+    return prev * tail
+
+
+def brpo_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """(s * V1[g,s] + (S - s) * V2[g,s]) / S: the group early, the trace's own history late.
+
+    scores: B,G,S;  prior: S  ->  B,G,S.  (The paper writes b_{s-1}/b_{S-1} for s/S: the
+    same for evenly spaced budgets.)
+    """
+    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
+    scores, S = _floats(scores), scores.shape[-1]
+    s = torch.arange(S, dtype=scores.dtype)                        # S
+    return (s * v1_baseline(scores, prior) + (S - s) * v2_baseline(returns_to_go(scores, prior))) / S
+
+
+THINKING_METHODS = ("brpo", "grpo", "v1", "none")
+
+
+def thinking_advantages(scores: torch.Tensor, prior: torch.Tensor, method: str = "brpo",
+                        normalize_std: bool = False) -> torch.Tensor:
+    """A[g,s] = R[g,s] - baseline[g,s]: the advantage of thinking segment (b_{s-1}, b_s].
+
+    scores: B,G,S (r, the mean summary score of trace g at budget s);  prior: S  ->  B,G,S
+    baseline: brpo (s*V1 + (S-s)*V2)/S | grpo V2 | v1 V1 | none 0.
+    No division by a standard deviation unless normalize_std (off, as the authors).
+    One question's G traces are scores[None]: the group mean V2 is taken over dim 1.
+    """
+    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
+    R = returns_to_go(scores, prior)
+    if method == "brpo":
+        baseline = brpo_baseline(scores, prior)
+    elif method == "grpo":
+        baseline = v2_baseline(R)
+    elif method == "v1":
+        baseline = v1_baseline(scores, prior)
+    elif method == "none":
+        baseline = torch.zeros_like(R)
+    else:
+        raise ValueError(f"unknown thinking method {method!r}; choose one of {THINKING_METHODS}")
+    adv = R - baseline
+    if normalize_std:
+        adv = adv / (R.std(1, keepdim=True, unbiased=False) + 1e-6)
+    return adv
+
+
+SUMMARY_METHODS = ("brpo", "grpo")
+
+
+def summary_advantages(scores: torch.Tensor, method: str = "brpo",
+                       prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoupled advantage of every summary: its score minus a baseline.  scores: B,G,S,A  ->  B,G,S,A
+
+    A > 1: baseline = mean of the sibling summaries of the same prompt (pooled
+    over budgets that share the prompt when prompt_index, B,G,S, is given).
+    A == 1: baseline = mean over the G traces of the score in that budget slot,
+    each slot's own sample, not pooled (as the authors; with G = 1 the advantage is 0).
+    brpo (decoupled): every budget's summaries learn, unweighted by the prior, so
+    summaries learn at every budget even under the base prior.
+    grpo: only the last budget's summaries get an advantage; the others get 0.
+    """
+    sizes, scores = _expect("scores", scores, "B,G,S,A"), _floats(scores)
+    if prompt_index is not None:
+        _expect("prompt_index", prompt_index, "B,G,S", sizes)
+    if method not in SUMMARY_METHODS:
+        raise ValueError(f"unknown summary method {method!r}; choose one of {SUMMARY_METHODS}")
+    A = scores.shape[-1]
+    if A > 1:
+        baseline = pooled_scores(scores, prompt_index)                   # B,G,S
+    else:
+        baseline = scores[..., 0].mean(1, keepdim=True)                  # B,1,S
+    adv = scores - baseline.unsqueeze(-1)
+    if method == "grpo":
+        adv = adv * (torch.arange(scores.shape[2]) == scores.shape[2] - 1).to(adv.dtype)[:, None]
+    return adv
+
+
+def rollout_advantages(ro: Rollout, scores: torch.Tensor, prior: torch.Tensor,
+                       thinking_method: str, summary_method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both advantages of a scored rollout, one row per trace n = b*G + g.
+
+    scores: B,G,S,A (score_rollout);  prior: S  ->  (thinking_adv N,S, summary_adv N,S,A)
+    """
+    _expect("scores", scores, "B,G,S,A", {"B": len(ro.think_ids), "S": len(ro.budgets)})
+    r = pooled_scores(scores, ro.prompt_index)                          # B,G,S
+    thinking_adv = thinking_advantages(r, prior, thinking_method)
+    summary_adv = summary_advantages(scores, summary_method, ro.prompt_index)
+    return thinking_adv.flatten(0, 1), summary_adv.flatten(0, 1)
+
+
+# ----------------------------------------------------------------------------
+# 6. Packed sequences and their log-probs
+# ----------------------------------------------------------------------------
+#
+# One row per trace: [prompt][thinking][insert_1 summary_1][insert_2 summary_2]...
+# Each summary block sees the prompt, the thinking up to its cut, and itself
+# causally; nothing of the other blocks. Here the prompt is P, the thinking
+# t1..t4, block 1 is cut after t2 (i1 s1), block 2 after t4 (i2 s2):
+#
+#              keys ->  P  t1 t2 t3 t4 i1 s1 i2 s2
+#   queries  P          x
+#            t1         x  x
+#            t2         x  x  x
+#            t3         x  x  x  x
+#            t4         x  x  x  x  x
+#            i1         x  x  x  .  .  x            <- block 1: prefix P t1 t2,
+#            s1         x  x  x  .  .  x  x            then itself
+#            i2         x  x  x  x  x  .  .  x      <- block 2: prefix P..t4
+#            s2         x  x  x  x  x  .  .  x  x
+#
+# Row i may attend to key j iff  j < prefix_len[i]  or  block_start[i] <= j <= i.
+# Trunk rows: prefix_len = i+1 (plain causal).  Block rows: prefix_len = P + cut.
+# Position ids of a block continue from its cut: P + cut, P + cut + 1, ...
+# Trainable tokens (thinking, summaries) are predicted by the logits one
+# position to their left, which is always in the same branch of the tree.
+
+@dataclass
+class Packed:
+    """Packed rows, right-padded to a common T. Token i is trained iff adv_index[n, i] >= 0."""
+    input_ids: torch.Tensor     # N,T
+    position_ids: torch.Tensor  # N,T
+    prefix_len: torch.Tensor    # N,T
+    block_start: torch.Tensor   # N,T
+    adv_index: torch.Tensor     # N,T: index into [thinking_adv (S) | summary_adv (S*A)], -1 = not trained
+    num_budgets: int | None = None     # S and A of the rows, so that token_advantages can check
+    num_summaries: int | None = None   # the advantages it is given (None: not checked)
+
+
+def pack_trace(prompt: list[int], think: list[int], budgets: list[int], cuts: list[int],
+               inserts: list[list[int]], summaries: list[list[list[int]]]) -> dict:
+    """One trace as a packed row (lists). inserts: S token lists; summaries: S x A token lists."""
+    S, A = len(budgets), len(summaries[0])
+    P, L = len(prompt), len(think)
+    ids, pos = prompt + think, list(range(P + L))
+    prefix, start = list(range(1, P + L + 1)), list(range(1, P + L + 1))
+    # thinking token t lies in segment s iff b_{s-1} <= t < b_s (1-based: (b_{s-1}, b_s])
+    adv = [-1] * P + [bisect.bisect_right(budgets, t) for t in range(L)]
+    for s in range(S):
+        for a in range(A):
+            block = inserts[s] + summaries[s][a]
+            begin = len(ids)
+            ids += block
+            pos += range(P + cuts[s], P + cuts[s] + len(block))
+            prefix += [P + cuts[s]] * len(block)
+            start += [begin] * len(block)
+            adv += [-1] * len(inserts[s]) + [S + s * A + a] * len(summaries[s][a])
+    return dict(input_ids=ids, position_ids=pos, prefix_len=prefix, block_start=start, adv_index=adv)
+
+
+def pack_rollout(ro: Rollout, tokenizer, traces: list[tuple[int, int]] | None = None) -> Packed:
+    """Pack the given (b, g) traces (all by default) into one right-padded batch."""
+    inserts = insert_ids(tokenizer)
+    B, G = len(ro.think_ids), len(ro.think_ids[0])
+    traces = traces if traces is not None else [(b, g) for b in range(B) for g in range(G)]
+    rows = [pack_trace(ro.prompt_ids[b], ro.think_ids[b][g], ro.budgets, ro.cuts[b, g].tolist(),
+                       [inserts[bool(t)] for t in ro.truncated[b, g]], ro.summary_ids[b][g])
+            for b, g in traces]
+    T = max(len(r["input_ids"]) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def stack(key, fill):
+        out = torch.full((len(rows), T), fill, dtype=torch.long)
+        for n, r in enumerate(rows):
+            out[n, :len(r[key])] = torch.tensor(r[key])
+        return out
+
+    prefix_len, block_start = stack("prefix_len", 0), stack("block_start", 0)
+    # padding rows attend to themselves only (a fully masked row would give NaN)
+    is_pad = torch.arange(T) >= torch.tensor([len(r["input_ids"]) for r in rows])[:, None]
+    block_start = torch.where(is_pad, torch.arange(T).expand(len(rows), T), block_start)
+    return Packed(stack("input_ids", pad), stack("position_ids", 0), prefix_len, block_start,
+                  stack("adv_index", -1), len(ro.budgets), len(ro.summary_ids[0][0][0]))
+
+
+def packed_attention_mask(prefix_len: torch.Tensor, block_start: torch.Tensor,
+                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive 4-D mask N,1,T,T (0 = attend, dtype min = blocked); works with eager and sdpa.
+
+    prefix_len, block_start: N,T. Row i attends to key j iff j < prefix_len[i] or
+    block_start[i] <= j <= i (the diagram above)."""
+    _expect("block_start", block_start, "N,T", _expect("prefix_len", prefix_len, "N,T"))
+    T = prefix_len.shape[-1]
+    j = torch.arange(T, device=prefix_len.device)                    # key index
+    i = j[:, None]                                                   # query index
+    allowed = (j < prefix_len[..., None]) | ((j >= block_start[..., None]) & (j <= i))  # N,T,T
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=prefix_len.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def _chunk_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    logits = lm_head(hidden).float()                                 # C,V (only C rows at a time)
+    if temperature != 1.0:
+        logits = logits / temperature  # the policy that sampled: softmax(logits / T) (the authors too)
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, trained: torch.Tensor,
+                   chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token i | its branch) at every trained position, 0 elsewhere.  -> N,T
+
+    pi = softmax(logits / temperature), the distribution the rollout sampled from.
+    One forward of the base model gives hidden states H; the output layer and
+    log-softmax run on `chunk_size` trained positions at a time under
+    activation checkpointing, so no N x T x V float32 tensor ever exists.
+    input_ids, position_ids, trained: N,T;  attention_mask: N,1,T,T (additive) or N,T.
+    """
+    sizes = _expect("input_ids", input_ids, "N,T")
+    _expect("position_ids", position_ids, "N,T", sizes)
+    _expect("trained", trained, "N,T", sizes)
+    if attention_mask.dim() not in (2, 4) or attention_mask.shape[0] != sizes["N"] or \
+            attention_mask.shape[-1] != sizes["T"]:
+        raise ValueError(f"attention_mask must have shape [N, 1, T, T] or [N, T] with N, T = {sizes['N']}, "
+                         f"{sizes['T']}, got {tuple(attention_mask.shape)}")
+    base = getattr(model, model.base_model_prefix)
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids, use_cache=False).last_hidden_state   # N,T,H
+    sel = trained[:, 1:]                                             # token i predicted at i-1
+    h = hidden[:, :-1][sel]                                          # M,H
+    tok = input_ids[:, 1:][sel]                                      # M
+    lm_head = model.get_output_embeddings()
+    parts = [checkpoint(_chunk_logprobs, lm_head, h[c:c + chunk_size], tok[c:c + chunk_size],
+                        temperature, use_reentrant=False) if torch.is_grad_enabled()
+             else _chunk_logprobs(lm_head, h[c:c + chunk_size], tok[c:c + chunk_size], temperature)
+             for c in range(0, h.shape[0], chunk_size)]
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:] = out[:, 1:].masked_scatter(sel, torch.cat(parts) if parts else h.new_zeros(0).float())
+    return out
+
+
+def packed_logprobs(model, packed: Packed, chunk_size: int = 1024,
+                    mask_dtype: torch.dtype | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """token_logprobs for a Packed batch on the model's device.  -> N,T"""
+    device = next(model.parameters()).device
+    dtype = mask_dtype or next(model.parameters()).dtype
+    mask = packed_attention_mask(packed.prefix_len.to(device), packed.block_start.to(device), dtype)
+    return token_logprobs(model, packed.input_ids.to(device), packed.position_ids.to(device), mask,
+                          (packed.adv_index >= 0).to(device), chunk_size, temperature)
+
+
+def token_advantages(packed: Packed, thinking_adv: torch.Tensor,
+                     summary_adv: torch.Tensor) -> torch.Tensor:
+    """Per-token advantage: a thinking token gets its segment's A[g,s], a summary token its summary's.
+
+    thinking_adv: N,S;  summary_adv: N,S,A  ->  N,T (0 where not trained)
+    """
+    sizes = _expect("packed.adv_index", packed.adv_index, "N,T")
+    for name, x, dims in (("thinking_adv", thinking_adv, "N,S"), ("summary_adv", summary_adv, "N,S,A")):
+        _expect(name, x, dims, sizes)
+    for d, n in (("S", packed.num_budgets), ("A", packed.num_summaries)):
+        if n is not None and sizes[d] != n:
+            raise ValueError(f"the packed rows have {d} = {n}, the advantages {d} = {sizes[d]}")
+    table = torch.cat([thinking_adv, summary_adv.flatten(1)], dim=1)        # N, S + S*A
+    idx = packed.adv_index
+    return table.gather(1, idx.clamp(min=0)) * (idx >= 0)
+
+
+# ----------------------------------------------------------------------------
+# 7. The loss: the whole objective in one function (anytime_loss)
+# ----------------------------------------------------------------------------
+
+def anytime_loss(model, packed: Packed, thinking_adv: torch.Tensor, summary_adv: torch.Tensor,
+                 normaliser: float, old_logprobs: torch.Tensor | None = None,
+                 ref_logprobs: torch.Tensor | None = None, clip_eps: float = 0.2, kl_coef: float = 0.0,
+                 temperature: float = 1.0, chunk_size: int = 1024,
+                 mask_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+    """The AnytimeReasoner loss of N packed traces: decoupled advantages, then PPO-clip.
+
+        loss = 1/Z * sum over trained tokens i of  max(-A_i * ratio_i, -A_i * clip(ratio_i, 1-eps, 1+eps))
+               [+ kl_coef * 1/Z * sum_i KL_i]        ratio_i = pi(token i | its branch) / pi_old(...)
+
+    A_i is decoupled: a thinking token in segment (b_{s-1}, b_s] of trace n gets the
+    BRPO advantage thinking_adv[n, s]; a token of summary a at budget s gets that
+    summary's own advantage summary_adv[n, s, a]; prompts and inserted text are not
+    trained. Z = normaliser, a constant: traces in the whole update x largest budget,
+    so that micro-batches of one update add up to the loss of the whole update.
+    pi = softmax(logits / temperature), read in one forward over the packed rows.
+    old_logprobs (N,T, from before the first update of this rollout) make the ratio;
+    None means on-policy: old = current, detached, ratio 1, the REINFORCE gradient.
+    ref_logprobs (N,T) and kl_coef > 0 add a KL penalty to a reference model.
+
+    thinking_adv: N,S;  summary_adv: N,S,A  ->  (loss, stats: clipfrac, approx_kl,
+    tokens [, ref_kl]); stats are per trained token of this micro-batch.
+    """
+    advantages = token_advantages(packed, thinking_adv, summary_adv)    # N,T: the decoupled A_i
+    logprobs = packed_logprobs(model, packed, chunk_size, mask_dtype, temperature)   # N,T
+    old = logprobs.detach() if old_logprobs is None else old_logprobs
+    mask = (packed.adv_index >= 0).to(logprobs.device)                  # N,T: trained tokens
+    return policy_loss(logprobs, old, advantages.to(logprobs.device), mask, normaliser, clip_eps,
+                       ref_logprobs, kl_coef)
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, normaliser: float, clip_eps: float = 0.2,
+                ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0):
+    """PPO-clip with token-level aggregation: sum over trained tokens / a constant normaliser.
+
+    logprobs, old_logprobs, advantages, mask (and ref_logprobs): N,T.  Returns (loss, stats).
+    With old_logprobs = logprobs.detach(), ratio is 1, nothing is clipped, and the
+    gradient is the REINFORCE one, -sum A grad log pi / normaliser. Any per-token
+    log-probs work (one row per completion is N,T too), so this copies into other trainers.
+    """
+    sizes = _expect("logprobs", logprobs, "N,T")
+    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
+                    ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            _expect(name, x, "N,T", sizes)
+    mask = mask.to(logprobs.dtype)
+    logratio = logprobs - old_logprobs
+    ratio = logratio.exp()
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = (torch.max(pg_loss1, pg_loss2) * mask).sum() / normaliser
+    n = mask.sum().clamp(min=1)
+    stats = {
+        "clipfrac": (((ratio - 1).abs() > clip_eps).float() * mask).sum().item() / n.item(),
+        # k3 estimator of KL(old || new), http://joschu.net/blog/kl-approx.html
+        "approx_kl": (((ratio - 1) - logratio) * mask).sum().item() / n.item(),
+        "tokens": int(mask.sum().item()),
+    }
+    if ref_logprobs is not None and kl_coef > 0:  # off by default: no reference model is loaded
+        d = ref_logprobs - logprobs
+        kl = d.exp() - d - 1                      # k3 estimate of KL(pi || ref), >= 0 per token
+        loss = loss + kl_coef * (kl * mask).sum() / normaliser
+        stats["ref_kl"] = (kl * mask).sum().item() / n.item()
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------
+# 8. Evaluation and diagnostics
+# ----------------------------------------------------------------------------
+
+def anytime_accuracy(scores: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Accuracy at each budget; its mean over budgets is the anytime score.  scores: B,G,S,A  ->  S"""
+    return pooled_scores(scores.float(), prompt_index).mean((0, 1))
+
+
+def evaluate(model, tokenizer, prompts: list[str], truths: list[str], budgets,
+             temperature: float = 0.6, summary_max_tokens: int = 64, think_batch_size: int = 64,
+             summary_batch_size: int = 256, progress=None) -> dict:
+    """Anytime accuracy of one trace and one summary per prompt at every budget of a grid:
+    {"budgets", "accuracy" (one per budget), "anytime_score" (their mean), "mean_think_len"}."""
+    if len(prompts) != len(truths):
+        raise ValueError(f"one truth per prompt: got {len(prompts)} prompts and {len(truths)} truths")
+    ro = rollout(model, tokenizer, prompts, budgets, 1, 1, temperature, summary_max_tokens,
+                 think_batch_size, summary_batch_size, progress=progress)
+    acc = anytime_accuracy(score_rollout(ro, truths), ro.prompt_index)
+    return {"budgets": list(ro.budgets), "accuracy": [round(x, 4) for x in acc.tolist()],
+            "anytime_score": round(acc.mean().item(), 4),
+            "mean_think_len": round(ro.think_len.float().mean().item(), 1)}
+
+
+def _masked_var(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n = m.sum(0)
+    mean = (x * m).sum(0) / n
+    return (((x - mean) ** 2) * m).sum(0) / n
+
+
+def variance_diagnostics(scores: torch.Tensor, prior: torch.Tensor, think_len: torch.Tensor,
+                         budgets) -> dict[str, torch.Tensor]:
+    """Var[R - V] / Var[R] and corr(V, R) per budget, for V = V1, V2, BRPO (each S).
+
+    scores: B,G,S (r);  prior: S;  think_len: B,G;  budgets: S.  Only traces that reach
+    segment s (longer than b_{s-1}) count at budget s. NaN where a budget has < 2 such
+    traces or Var[R] = 0. The paper's variance figure: a lower ratio is a better baseline.
+    """
+    sizes, scores = _expect("scores", scores, "B,G,S"), _floats(scores)
+    _expect("prior", prior, "S", sizes)
+    _expect("think_len", think_len, "B,G", sizes)
+    budgets = check_budgets(budgets)
+    if len(budgets) != sizes["S"]:
+        raise ValueError(f"budgets has {len(budgets)} entries where scores has S = {sizes['S']}")
+    S = scores.shape[-1]
+    R = returns_to_go(scores, prior)
+    values = {"v1": v1_baseline(scores, prior), "v2": v2_baseline(R), "brpo": brpo_baseline(scores, prior)}
+    starts = torch.tensor([0] + budgets[:-1])
+    m = (think_len[..., None] > starts).reshape(-1, S).to(scores.dtype)  # N,S: trace reaches segment s
+    m = torch.where(m.sum(0) >= 2, m, torch.full_like(m, float("nan")))
+    Rf = R.reshape(-1, S)
+    var_r = _masked_var(Rf, m)
+    var_r = torch.where(var_r > 0, var_r, torch.full_like(var_r, float("nan")))   # Var[R] = 0: no ratio
+    out = {}
+    for name, V in values.items():
+        Vf = V.reshape(-1, S)
+        out[f"var_ratio_{name}"] = _masked_var(Rf - Vf, m) / var_r
+        cov = (_masked_var(Rf + Vf, m) - var_r - _masked_var(Vf, m)) / 2
+        out[f"corr_{name}"] = cov / (var_r * _masked_var(Vf, m)).sqrt()
+    return out
+
+
+# ----------------------------------------------------------------------------
+# 9. The paper's runs
+# ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Preset:
+    num_summaries: int    # A, summaries per (trace, budget)
+    summary_method: str   # "brpo" (decoupled, all budgets) or "grpo" (last budget only)
+    num_budgets: int      # S
+    prior: str            # "uniform", "linear" or "base"
+    thinking_method: str  # "brpo", "grpo", "v1" or "none"
+
+
+# The paper's runs. Its final-answer baseline, then AnytimeReasoner with three priors, then
+# its ablation: one ingredient at a time added to GRPO (linear prior; decoupled summaries
+# with A = 4; "vr", the BRPO variance-reduced baseline). The authors: 64 questions x 8
+# traces per step, lr 1e-6, temperature 1.0, evaluation at temperature 0.6.
+PRESETS = {
+    "grpo":             Preset(1, "grpo", 1, "base",    "grpo"),
+    "ar-uniform":       Preset(4, "brpo", 4, "uniform", "brpo"),
+    "ar-linear":        Preset(4, "brpo", 4, "linear",  "brpo"),
+    "ar-base":          Preset(4, "brpo", 4, "base",    "brpo"),
+    "grpo+linear":      Preset(1, "grpo", 4, "linear",  "grpo"),
+    "grpo+decouple":    Preset(4, "brpo", 4, "base",    "grpo"),
+    "grpo+vr":          Preset(1, "grpo", 4, "base",    "brpo"),
+    "grpo+vr+decouple": Preset(4, "brpo", 4, "base",    "brpo"),
+}
+
+
+# ----------------------------------------------------------------------------
+# Appendix A. The answer checker (sympy, never eval): extract_answer, answers_match
 # ----------------------------------------------------------------------------
 #
 # extract_answer: the last box (with the boxes joined to it by "," / "and" / "or")
 #   of the "**Final Answer**" paragraph.
 # answers_match: both answers go through the same three stages.
-#   2b. _RULES, string rewrites applied in the order listed: LaTeX noise, units,
+#   A2. _RULES, string rewrites applied in the order listed: LaTeX noise, units,
 #       "and" lists, thousands separators, mixed numbers, \pm, matrices ...
-#   2d. _parse, a small recursive-descent parser that builds sympy values itself
+#   A4. _parse, a small recursive-descent parser that builds sympy values itself
 #       (never eval/sympify/parse_expr): numbers, + - * / ^, \frac, \sqrt, \pi,
 #       tuples, sets, intervals, ratios and relations.
-#   2e. _values_equal: structure first, then expressions at rational sample points.
+#   A5. _values_equal: structure first, then expressions at rational sample points.
 #       Integers and fractions compare exactly ("1000001" is not 1000000). A written
 #       decimal may be rounded, never wrong: it matches a value within half a unit of
 #       its last written digit and within 1e-6 of it, relative ("0.333333" is 1/3,
@@ -202,7 +911,7 @@ def stop_ids(tokenizer) -> list[int]:
 # for a:b:c, and "rel <= <" for a relation chain (items: its sides, a <= x < b).
 Value = Union[sympy.Expr, Tuple[str, Tuple["Value", ...]]]
 
-_HEADING = "**Final Answer**"  # ANSWER_HEADING of section 1, repeated so this section copies alone
+_HEADING = "**Final Answer**"  # ANSWER_HEADING of section 1, repeated so this appendix copies alone
 _MAX_RAW_CHARS = 10_000     # longer answers are only compared as exact strings
 _MAX_PARSE_CHARS = 500      # longer answers skip the sympy stage
 _MAX_DEPTH = 40             # parser nesting limit, far below Python's recursion limit
@@ -224,7 +933,7 @@ class _ParseError(Exception):
     """Raised inside the parser for anything outside the supported grammar."""
 
 
-# 2a. extraction
+# A1. extraction
 
 _BRACE_RE = re.compile(r"\\.|[{}]", re.S)   # an escaped char, or a brace
 _BLANK_LINE_RE = re.compile(r"\n[ \t]*\n")
@@ -289,7 +998,7 @@ def _closing_brace(text: str, open_at: int) -> int:
     return -1
 
 
-# 2b. string rules, in the order they are applied (the table _RULES below)
+# A2. string rules, in the order they are applied (the table _RULES below)
 
 _MATRIX_RE = re.compile(r"\\begin\{([pbB]?matrix)\}(.*?)\\end\{\1\}", re.S)  # not vmatrix: a determinant
 
@@ -417,7 +1126,7 @@ def _normalise(s: str) -> str:
     return s.rstrip(".\\").strip()
 
 
-# 2c. matching
+# A3. matching
 
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d{1,3})?")
 _TIME_RE = re.compile(r"(?:[01]?\d|2[0-4]):[0-5]\d")   # "3:30" is a time, not the ratio 1:10
@@ -498,7 +1207,7 @@ def _close(a: Fraction, b: Fraction, tol: Fraction) -> bool:
     return abs(a - b) <= min(tol, _REL_TOL * max(abs(a), abs(b)))
 
 
-# 2d. a restricted parser that builds sympy objects (never eval)
+# A4. a restricted parser that builds sympy objects (never eval)
 
 _TOKEN_RE = re.compile(r"\s*(\d+(?:\.\d*)?(?:[eE][-+]?\d{1,3}(?!\d))?|\.\d+|\\[A-Za-z]+|\\[{}]|"
                        r"[A-Za-z]_(?:\{[A-Za-z0-9]+\}|[A-Za-z0-9])|[A-Za-z]+|[<>!]=|[-+*/^()\[\]{},=<>:])")
@@ -732,7 +1441,7 @@ def _finite(v: Value) -> bool:
     return not v.has(sympy.zoo, sympy.nan)
 
 
-# 2e. equality
+# A5. equality
 
 def _values_equal(a: Value, b: Value, tol: Fraction) -> bool:
     """Relations as relations, tuples in order, sets in any order, expressions symbolically."""
@@ -835,728 +1544,7 @@ def _numbers_close(a: sympy.Expr, b: sympy.Expr, tol: Fraction) -> bool:
 
 
 # ----------------------------------------------------------------------------
-# 3. Budgets and the budget prior
-# ----------------------------------------------------------------------------
-
-def evenly_spaced_budgets(max_think: int, num_budgets: int) -> list[int]:
-    """b_s = max_think * (s+1) / S, s = 0..S-1 (rounded to whole tokens)."""
-    if max_think < 1 or num_budgets < 1 or num_budgets > max_think:
-        raise ValueError(f"need 1 <= num_budgets <= max_think, got {num_budgets}, {max_think}")
-    return [round(max_think * (s + 1) / num_budgets) for s in range(num_budgets)]
-
-
-def check_budgets(budgets) -> list[int]:
-    """The S budgets as a list of ints: positive, strictly increasing. Takes a list, a
-    tuple, a 1-D tensor or a 1-D numpy array of whole numbers."""
-    if hasattr(budgets, "tolist"):                       # a tensor or an array
-        if getattr(budgets, "ndim", 1) != 1:
-            raise ValueError(f"budgets must be 1-D, [S] token counts; got shape {tuple(budgets.shape)}")
-        budgets = budgets.tolist()
-    budgets = list(budgets)
-    if not budgets:
-        raise ValueError("budgets must not be empty")
-    try:
-        if any(isinstance(b, bool) for b in budgets):
-            raise TypeError
-        budgets = [operator.index(b) for b in budgets]   # ints, numpy ints; not 1.5, not 128.0
-    except TypeError:
-        raise ValueError(f"budgets must be positive integers, got {budgets}") from None
-    if any(b <= 0 for b in budgets):
-        raise ValueError(f"budgets must be positive integers, got {budgets}")
-    if any(b2 <= b1 for b1, b2 in zip(budgets, budgets[1:])):
-        raise ValueError(f"budgets must be strictly increasing (sorted, no duplicates), got {budgets}")
-    return budgets
-
-
-PRIORS = ("uniform", "linear", "base")
-
-
-def budget_prior(kind: str, budgets) -> torch.Tensor:
-    """p, the weight of each of the S budgets in the objective; sums to 1.  -> S
-
-    uniform: p_s = 1/S;  linear: p_s = b_s / sum(b);  base: all mass on the last
-    budget (plain final-answer RL). The prior only weights rewards: every budget is
-    evaluated for every trace, none is sampled.
-    """
-    budgets = check_budgets(budgets)
-    b = torch.tensor(budgets, dtype=torch.float32)  # S
-    if kind == "uniform":
-        p = torch.ones_like(b)
-    elif kind == "linear":
-        p = b.clone()
-    elif kind == "base":
-        p = torch.zeros_like(b)
-        p[-1] = 1.0
-    else:
-        raise ValueError(f"unknown prior {kind!r}; choose one of {', '.join(PRIORS)}")
-    return p / p.sum()
-
-
-# ----------------------------------------------------------------------------
-# 4. Rollout: think once, cut at every budget, summarise after every cut
-# ----------------------------------------------------------------------------
-
-@dataclass
-class Rollout:
-    """Everything one rollout produced; the loss and the evaluation read this."""
-    budgets: list[int]                   # S
-    prompt_ids: list[list[int]]          # B token lists (no padding)
-    think_ids: list[list[list[int]]]     # B x G thinking tokens, incl. the closing </think> or EOS
-    closed: torch.Tensor                 # B,G bool: thinking ended with </think>
-    ended_eos: torch.Tensor              # B,G bool: thinking ended with EOS
-    cuts: torch.Tensor                   # B,G,S long: thinking tokens the summary at budget s sees
-    truncated: torch.Tensor              # B,G,S bool: the summary prompt got the "..." insert
-    prompt_index: torch.Tensor           # B,G,S long: budget whose summary prompt s shares (pooling)
-    summary_ids: list = field(default_factory=list)   # B x G x S x A token lists
-    summary_text: list = field(default_factory=list)  # B x G x S x A strings
-    seconds: dict = field(default_factory=dict)       # wall-clock: {"think": s, "summary": s}
-
-    @property
-    def think_len(self) -> torch.Tensor:  # B,G
-        return torch.tensor([[len(t) for t in row] for row in self.think_ids])
-
-    @property
-    def cut_has_eos(self) -> torch.Tensor:  # B,G,S: the summary prompt holds the trace's EOS
-        return self.ended_eos[..., None] & (self.cuts == self.think_len[..., None])
-
-
-def summary_prompts(length: int, why: str, budgets: list[int]) -> tuple[list[int], list[bool], list[int]]:
-    """Where each budget's summary prompt cuts one trace of `length` tokens that stopped
-    for `why` ('think': `</think>`, 'eos', 'max': it reached the last budget).
-
-    Returns (cuts[S], truncated[S], prompt_index[S]). A trace that closed with
-    `</think>` within b_s is shown whole, with no ellipsis; otherwise it is cut
-    at b_s and gets the "..." insert. A trace that ended in EOS is cut like a
-    running one, so from the budget that reaches its EOS on, the cut includes
-    that EOS (as the authors do; those budgets score 0, see score_rollout).
-    Budgets whose prompts come out identical point (prompt_index) at the first.
-    """
-    cuts, truncated, index = [], [], []
-    for s, b in enumerate(budgets):
-        whole = why == "think" and length <= b
-        cuts.append(length if whole else min(b, length))
-        truncated.append(not whole)
-        same = [k for k in range(s) if cuts[k] == cuts[s] and truncated[k] == truncated[s]]
-        index.append(same[0] if same else s)
-    return cuts, truncated, index
-
-
-def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces: int,
-            num_summaries: int, temperature: float = 1.0, summary_max_tokens: int = 64,
-            think_batch_size: int = 64, summary_batch_size: int = 256, stop_at_box: bool = False,
-            progress=None, reuse_cache: bool = True) -> Rollout:
-    """Think once, cut at every budget, summarise after every cut.
-
-    1. G thinking traces per prompt, each at most b_{S-1} tokens, stopping at `</think>` or EOS.
-    2. For each trace and budget b_s a summary prompt: prompt + thinking[:b_s] + "...\n\n...\n\n
-       </think>\n\n**Final Answer**\n" if the trace was still running at b_s, or prompt + the
-       whole thinking + "\n\n**Final Answer**\n" if it closed with `</think>` within b_s.
-    3. A summaries per (trace, budget), at the same temperature; they stop at EOS.
-    The sampling itself is generate() (appendix B).
-
-    The summaries start from the thinking's KV cache: a summary prompt is the trace's own
-    prompt + thinking[:cut] + an insert, so only the insert is encoded again
-    (`reuse_cache=False` re-encodes every summary prompt: the same distribution, slower).
-    The thinking cache of all B*G traces stays in memory until the summaries are done
-    (Qwen2.5-0.5B in bf16, 128 traces of ~650 tokens: about 1 GB).
-    `progress(n)` is called with the number of rows finished, if given.
-    """
-    budgets = check_budgets(budgets)
-    if isinstance(prompts, str) or not prompts or num_traces < 1 or num_summaries < 1:
-        raise ValueError(f"need a non-empty list of prompts, num_traces >= 1 and num_summaries >= 1; got "
-                         f"{type(prompts).__name__} of {len(prompts)}, {num_traces}, {num_summaries}")
-    t0 = time.perf_counter()
-    B, G, S, A = len(prompts), num_traces, len(budgets), num_summaries
-    think_end, eos = encode(tokenizer, THINK_END), set(stop_ids(tokenizer))
-    prompt_ids = [encode(tokenizer, p) for p in prompts]
-
-    # 1. thinking: B*G rows, at most b_{S-1} new tokens; its KV cache is kept for step 3
-    flat, why, kv = generate(model, tokenizer, [p for p in prompt_ids for _ in range(G)], budgets[-1],
-                             temperature, think_batch_size, think_end=think_end, keep_cache=True,
-                             progress=progress)
-    think_ids = [flat[b * G:(b + 1) * G] for b in range(B)]
-    t1 = time.perf_counter()  # generate() ends reading its tokens back: the device is done
-
-    # 2. one summary prompt per distinct (trace, cut, insert)
-    cuts = torch.zeros(B, G, S, dtype=torch.long)
-    truncated = torch.zeros(B, G, S, dtype=torch.bool)
-    prompt_index = torch.zeros(B, G, S, dtype=torch.long)
-    closed = torch.zeros(B, G, dtype=torch.bool)
-    ended_eos = torch.zeros(B, G, dtype=torch.bool)
-    inserts = insert_ids(tokenizer)
-    jobs = []  # (b, g, budgets sharing the prompt, token ids, tokens shared with the trace)
-    for b in range(B):
-        for g in range(G):
-            think, n = think_ids[b][g], b * G + g
-            closed[b, g], ended_eos[b, g] = why[n] == "think", why[n] == "eos"
-            c, t, idx = summary_prompts(len(think), why[n], budgets)
-            cuts[b, g], truncated[b, g], prompt_index[b, g] = torch.tensor(c), torch.tensor(t), torch.tensor(idx)
-            for s in sorted(set(idx)):
-                shared = [k for k in range(S) if idx[k] == s]
-                jobs.append((b, g, shared, prompt_ids[b] + think[:c[s]] + inserts[t[s]], len(prompt_ids[b]) + c[s]))
-
-    # 3. A summaries per budget; a prompt shared by k budgets is sampled k*A times and
-    #    encoded once (generate() shares the KV cache of identical rows). Every prompt starts
-    #    with its trace's prompt + thinking[:cut]: those keys and values come from the
-    #    thinking's cache (same tokens, same positions), only the insert is encoded.
-    rows, owner, reused = [], [], []  # per summary row: its prompt, its trace, tokens shared with it
-    for b, g, shared, ids, n in jobs:
-        k = len(shared) * A
-        rows += [ids] * k
-        owner += [b * G + g] * k
-        reused += [n] * k
-    sampled = generate(model, tokenizer, rows, summary_max_tokens, temperature, summary_batch_size,
-                       stop_at_box=stop_at_box, prefix=(kv, owner, reused) if reuse_cache else None,
-                       progress=progress)
-    del kv  # the thinking's cache: not needed any more
-    summary_ids = [[[[None] * A for _ in range(S)] for _ in range(G)] for _ in range(B)]
-    summary_text = [[[[None] * A for _ in range(S)] for _ in range(G)] for _ in range(B)]
-    it = iter(sampled)
-    for b, g, shared, _, _ in jobs:
-        for s in shared:
-            for a in range(A):
-                ids = next(it)
-                summary_ids[b][g][s][a] = ids
-                text_ids = [t for t in ids if t not in eos]
-                summary_text[b][g][s][a] = tokenizer.decode(text_ids, skip_special_tokens=False)
-    return Rollout(budgets, prompt_ids, think_ids, closed, ended_eos, cuts, truncated, prompt_index,
-                   summary_ids, summary_text, {"think": t1 - t0, "summary": time.perf_counter() - t1})
-
-
-# ----------------------------------------------------------------------------
-# 5. Rewards
-# ----------------------------------------------------------------------------
-
-def score_summary(summary_text: str, truth: str, cut_has_eos: bool = False) -> float:
-    """1.0 if the answer is right AND exactly one `</think>` was seen, else 0.
-
-    The summary is the text sampled after the `**Final Answer**` heading; its answer
-    is the last box of its first paragraph (extract_answer), compared with the truth
-    by answers_match. Both summary prompts already hold exactly one `</think>` (the
-    trace's own or the inserted one), so a summary is well formatted iff it adds
-    none. A summary whose prompt holds the trace's EOS (a trace that ended in EOS,
-    at the budgets that reach it) scores 0; budgets cut before that EOS are graded
-    normally.
-    """
-    if cut_has_eos or THINK_END in summary_text:
-        return 0.0
-    return float(answers_match(extract_answer(ANSWER_HEADING + "\n" + summary_text), truth))
-
-
-def completion_reward(completions: list, answer: list, **kwargs) -> list[float]:
-    """score_summary's rule for whole completions, as a TRL `reward_funcs` function.
-
-    A completion scores 1.0 iff it holds exactly one `</think>` and the text after
-    it holds the right answer: the last box of its `**Final Answer**` paragraph, or,
-    if no heading follows `</think>`, the last box of all the text after it. The
-    thinking is never read as the answer. `<think>` is not looked for: the prompt
-    may open it (format_prompt does, and so do R1-style chat templates) or the
-    completion may. completions: strings, or per completion a list of chat messages
-    ({"role", "content"}), as TRL passes for conversational datasets. answer: the
-    dataset column, one truth per completion; GSM8K's raw solutions count ("...
-    #### 1,234" is 1234). Other keyword arguments (prompts, other columns) are
-    ignored. Returns one float per completion.
-    """
-    if len(completions) != len(answer):
-        raise ValueError(f"completion_reward: {len(completions)} completions but {len(answer)} answers")
-    rewards = []
-    for completion, truth in zip(completions, answer):
-        try:
-            text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
-        except (TypeError, KeyError):
-            raise TypeError("completion_reward: each completion must be a string or a list of chat messages "
-                            f"with a 'content' key, got {completion!r:.80}") from None
-        truth = str(truth)
-        if "####" in truth:  # GSM8K: reasoning, then "#### 1,234" (answers_match reads 1,234 as 1234)
-            truth = truth.rpartition("####")[2]
-        after = text.partition(THINK_END)[2]
-        at = after.find(ANSWER_HEADING)
-        # After the heading: a summary. No heading: all the text is one paragraph.
-        summary = after[at + len(ANSWER_HEADING):] if at != -1 else after.replace("\n", " ")
-        rewards.append(score_summary(summary, truth) if text.count(THINK_END) == 1 else 0.0)
-    return rewards
-
-
-def score_rollout(ro: Rollout, truths: list[str]) -> torch.Tensor:
-    """Score of every summary by score_summary, Tensor[B, G, S, A] of 0/1."""
-    has_eos = ro.cut_has_eos                                                    # B,G,S
-    return torch.tensor([[[[score_summary(text, truths[b], bool(has_eos[b, g, s])) for text in per_budget]
-                           for s, per_budget in enumerate(per_trace)]
-                          for g, per_trace in enumerate(per_question)]
-                         for b, per_question in enumerate(ro.summary_text)])
-
-
-# ----------------------------------------------------------------------------
-# 6. Advantages: BRPO for the thinking, decoupled for the summaries
-# ----------------------------------------------------------------------------
-
-def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-    """r[b,g,s]: mean score of the summaries at budget s, pooled over budgets sharing a prompt.
-
-    scores: B,G,S,A.  prompt_index: B,G,S (budget whose prompt s uses) or None  ->  B,G,S
-    """
-    sizes = _expect("scores", scores, "B,G,S,A")
-    if prompt_index is None:
-        return scores.mean(-1)
-    _expect("prompt_index", prompt_index, "B,G,S", sizes)
-    A = scores.shape[-1]
-    sums = torch.zeros(scores.shape[:-1], dtype=scores.dtype).scatter_add_(
-        -1, prompt_index, scores.sum(-1))                                   # B,G,S
-    counts = torch.zeros_like(sums).scatter_add_(
-        -1, prompt_index, torch.full_like(sums, float(A)))                  # B,G,S
-    return (sums / counts.clamp(min=1)).gather(-1, prompt_index)
-
-
-def returns_to_go(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """R[g,s] = sum_{k>=s} p_k r[g,k].   scores: B,G,S;  prior: S  ->  B,G,S"""
-    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
-    return (scores * prior).flip(-1).cumsum(-1).flip(-1)
-
-
-def v2_baseline(returns: torch.Tensor) -> torch.Tensor:
-    """V2[g,s] = mean over the G traces of R[.,s] (trace itself included); 0 when G = 1.
-
-    returns: B,G,S  ->  B,G,S"""
-    _expect("returns", returns, "B,G,S")
-    if returns.shape[1] == 1:
-        return torch.zeros_like(returns)
-    return returns.mean(1, keepdim=True).expand_as(returns)
-
-
-def v1_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """V1[g,s] = prev[g,s] * sum_{k>=s} p_k, prev = sum_{k<s} 2^k r[g,k] / sum_{k<s} 2^k; V1[g,0] = 0.
-
-    scores: B,G,S;  prior: S  ->  B,G,S.  The trace's own answers so far, later ones weighted
-    more (each budget twice the one before: the module docstring says why).
-    """
-    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
-    S = scores.shape[-1]
-    w = 2.0 ** torch.arange(S, dtype=scores.dtype)                 # S
-    num = (scores * w).cumsum(-1) - scores * w                     # sum over k < s (exclusive)
-    den = w.cumsum(-1) - w                                         # 0 at s = 0
-    prev = num / den.clamp(min=1.0)                                # prev[.., 0] = 0 / 1 = 0
-    tail = prior.flip(-1).cumsum(-1).flip(-1)                      # sum_{k>=s} p_k, S
-    return prev * tail
-
-
-def brpo_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """(s * V1[g,s] + (S - s) * V2[g,s]) / S: the group early, the trace's own history late.
-
-    scores: B,G,S;  prior: S  ->  B,G,S.  (The paper writes b_{s-1}/b_{S-1} for s/S: the
-    same for evenly spaced budgets.)
-    """
-    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
-    S = scores.shape[-1]
-    s = torch.arange(S, dtype=scores.dtype)                        # S
-    return (s * v1_baseline(scores, prior) + (S - s) * v2_baseline(returns_to_go(scores, prior))) / S
-
-
-THINKING_METHODS = ("brpo", "grpo", "v1", "none")
-
-
-def thinking_advantages(scores: torch.Tensor, prior: torch.Tensor, method: str = "brpo",
-                        normalize_std: bool = False) -> torch.Tensor:
-    """A[g,s] = R[g,s] - baseline[g,s]: the advantage of thinking segment (b_{s-1}, b_s].
-
-    scores: B,G,S (r, the mean summary score of trace g at budget s);  prior: S  ->  B,G,S
-    baseline: brpo (s*V1 + (S-s)*V2)/S | grpo V2 | v1 V1 | none 0.
-    No division by a standard deviation unless normalize_std (off, as the authors).
-    One question's G traces are scores[None]: the group mean V2 is taken over dim 1.
-    """
-    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
-    R = returns_to_go(scores, prior)
-    if method == "brpo":
-        baseline = brpo_baseline(scores, prior)
-    elif method == "grpo":
-        baseline = v2_baseline(R)
-    elif method == "v1":
-        baseline = v1_baseline(scores, prior)
-    elif method == "none":
-        baseline = torch.zeros_like(R)
-    else:
-        raise ValueError(f"unknown thinking method {method!r}; choose one of {THINKING_METHODS}")
-    adv = R - baseline
-    if normalize_std:
-        adv = adv / (R.std(1, keepdim=True, unbiased=False) + 1e-6)
-    return adv
-
-
-SUMMARY_METHODS = ("brpo", "grpo")
-
-
-def summary_advantages(scores: torch.Tensor, method: str = "brpo",
-                       prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-    """The decoupled advantage of every summary: its score minus a baseline.  scores: B,G,S,A  ->  B,G,S,A
-
-    A > 1: baseline = mean of the sibling summaries of the same prompt (pooled
-    over budgets that share the prompt when prompt_index, B,G,S, is given).
-    A == 1: baseline = mean over the G traces of the score in that budget slot,
-    each slot's own sample, not pooled (as the authors; with G = 1 the advantage is 0).
-    brpo (decoupled): every budget's summaries learn, unweighted by the prior, so
-    summaries learn at every budget even under the base prior.
-    grpo: only the last budget's summaries get an advantage; the others get 0.
-    """
-    sizes = _expect("scores", scores, "B,G,S,A")
-    if prompt_index is not None:
-        _expect("prompt_index", prompt_index, "B,G,S", sizes)
-    if method not in SUMMARY_METHODS:
-        raise ValueError(f"unknown summary method {method!r}; choose one of {SUMMARY_METHODS}")
-    A = scores.shape[-1]
-    if A > 1:
-        baseline = pooled_scores(scores, prompt_index)                   # B,G,S
-    else:
-        baseline = scores[..., 0].mean(1, keepdim=True)                  # B,1,S
-    adv = scores - baseline.unsqueeze(-1)
-    if method == "grpo":
-        adv = adv * (torch.arange(scores.shape[2]) == scores.shape[2] - 1).to(adv.dtype)[:, None]
-    return adv
-
-
-def rollout_advantages(ro: Rollout, scores: torch.Tensor, prior: torch.Tensor,
-                       thinking_method: str, summary_method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both advantages of a scored rollout, one row per trace n = b*G + g.
-
-    scores: B,G,S,A (score_rollout);  prior: S  ->  (thinking_adv N,S, summary_adv N,S,A)
-    """
-    _expect("scores", scores, "B,G,S,A", {"B": len(ro.think_ids), "S": len(ro.budgets)})
-    r = pooled_scores(scores, ro.prompt_index)                          # B,G,S
-    thinking_adv = thinking_advantages(r, prior, thinking_method)
-    summary_adv = summary_advantages(scores, summary_method, ro.prompt_index)
-    return thinking_adv.flatten(0, 1), summary_adv.flatten(0, 1)
-
-
-# ----------------------------------------------------------------------------
-# 7. Packed sequences and their log-probs
-# ----------------------------------------------------------------------------
-#
-# One row per trace: [prompt][thinking][insert_1 summary_1][insert_2 summary_2]...
-# Each summary block sees the prompt, the thinking up to its cut, and itself
-# causally; nothing of the other blocks. Here the prompt is P, the thinking
-# t1..t4, block 1 is cut after t2 (i1 s1), block 2 after t4 (i2 s2):
-#
-#              keys ->  P  t1 t2 t3 t4 i1 s1 i2 s2
-#   queries  P          x
-#            t1         x  x
-#            t2         x  x  x
-#            t3         x  x  x  x
-#            t4         x  x  x  x  x
-#            i1         x  x  x  .  .  x            <- block 1: prefix P t1 t2,
-#            s1         x  x  x  .  .  x  x            then itself
-#            i2         x  x  x  x  x  .  .  x      <- block 2: prefix P..t4
-#            s2         x  x  x  x  x  .  .  x  x
-#
-# Row i may attend to key j iff  j < prefix_len[i]  or  block_start[i] <= j <= i.
-# Trunk rows: prefix_len = i+1 (plain causal).  Block rows: prefix_len = P + cut.
-# Position ids of a block continue from its cut: P + cut, P + cut + 1, ...
-# Trainable tokens (thinking, summaries) are predicted by the logits one
-# position to their left, which is always in the same branch of the tree.
-
-@dataclass
-class Packed:
-    """Packed rows, right-padded to a common T. Token i is trained iff adv_index[n, i] >= 0."""
-    input_ids: torch.Tensor     # N,T
-    position_ids: torch.Tensor  # N,T
-    prefix_len: torch.Tensor    # N,T
-    block_start: torch.Tensor   # N,T
-    adv_index: torch.Tensor     # N,T: index into [thinking_adv (S) | summary_adv (S*A)], -1 = not trained
-    num_budgets: int | None = None     # S and A of the rows, so that token_advantages can check
-    num_summaries: int | None = None   # the advantages it is given (None: not checked)
-
-
-def pack_trace(prompt: list[int], think: list[int], budgets: list[int], cuts: list[int],
-               inserts: list[list[int]], summaries: list[list[list[int]]]) -> dict:
-    """One trace as a packed row (lists). inserts: S token lists; summaries: S x A token lists."""
-    S, A = len(budgets), len(summaries[0])
-    P, L = len(prompt), len(think)
-    ids, pos = prompt + think, list(range(P + L))
-    prefix, start = list(range(1, P + L + 1)), list(range(1, P + L + 1))
-    # thinking token t lies in segment s iff b_{s-1} <= t < b_s (1-based: (b_{s-1}, b_s])
-    adv = [-1] * P + [bisect.bisect_right(budgets, t) for t in range(L)]
-    for s in range(S):
-        for a in range(A):
-            block = inserts[s] + summaries[s][a]
-            begin = len(ids)
-            ids += block
-            pos += range(P + cuts[s], P + cuts[s] + len(block))
-            prefix += [P + cuts[s]] * len(block)
-            start += [begin] * len(block)
-            adv += [-1] * len(inserts[s]) + [S + s * A + a] * len(summaries[s][a])
-    return dict(input_ids=ids, position_ids=pos, prefix_len=prefix, block_start=start, adv_index=adv)
-
-
-def pack_rollout(ro: Rollout, tokenizer, traces: list[tuple[int, int]] | None = None) -> Packed:
-    """Pack the given (b, g) traces (all by default) into one right-padded batch."""
-    inserts = insert_ids(tokenizer)
-    B, G = len(ro.think_ids), len(ro.think_ids[0])
-    traces = traces if traces is not None else [(b, g) for b in range(B) for g in range(G)]
-    rows = [pack_trace(ro.prompt_ids[b], ro.think_ids[b][g], ro.budgets, ro.cuts[b, g].tolist(),
-                       [inserts[bool(t)] for t in ro.truncated[b, g]], ro.summary_ids[b][g])
-            for b, g in traces]
-    T = max(len(r["input_ids"]) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def stack(key, fill):
-        out = torch.full((len(rows), T), fill, dtype=torch.long)
-        for n, r in enumerate(rows):
-            out[n, :len(r[key])] = torch.tensor(r[key])
-        return out
-
-    prefix_len, block_start = stack("prefix_len", 0), stack("block_start", 0)
-    # padding rows attend to themselves only (a fully masked row would give NaN)
-    is_pad = torch.arange(T) >= torch.tensor([len(r["input_ids"]) for r in rows])[:, None]
-    block_start = torch.where(is_pad, torch.arange(T).expand(len(rows), T), block_start)
-    return Packed(stack("input_ids", pad), stack("position_ids", 0), prefix_len, block_start,
-                  stack("adv_index", -1), len(ro.budgets), len(ro.summary_ids[0][0][0]))
-
-
-def packed_attention_mask(prefix_len: torch.Tensor, block_start: torch.Tensor,
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive 4-D mask N,1,T,T (0 = attend, dtype min = blocked); works with eager and sdpa.
-
-    prefix_len, block_start: N,T. Row i attends to key j iff j < prefix_len[i] or
-    block_start[i] <= j <= i (the diagram above)."""
-    _expect("block_start", block_start, "N,T", _expect("prefix_len", prefix_len, "N,T"))
-    T = prefix_len.shape[-1]
-    j = torch.arange(T, device=prefix_len.device)                    # key index
-    i = j[:, None]                                                   # query index
-    allowed = (j < prefix_len[..., None]) | ((j >= block_start[..., None]) & (j <= i))  # N,T,T
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=prefix_len.device)
-    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
-
-
-def _chunk_logprobs(lm_head, hidden: torch.Tensor, tokens: torch.Tensor,
-                    temperature: float = 1.0) -> torch.Tensor:
-    logits = lm_head(hidden).float()                                 # C,V (only C rows at a time)
-    if temperature != 1.0:
-        logits = logits / temperature  # the policy that sampled: softmax(logits / T) (the authors too)
-    return logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, trained: torch.Tensor,
-                   chunk_size: int = 1024, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token i | its branch) at every trained position, 0 elsewhere.  -> N,T
-
-    pi = softmax(logits / temperature), the distribution the rollout sampled from.
-    One forward of the base model gives hidden states H; the output layer and
-    log-softmax run on `chunk_size` trained positions at a time under
-    activation checkpointing, so no N x T x V float32 tensor ever exists.
-    input_ids, position_ids, trained: N,T;  attention_mask: N,1,T,T (additive) or N,T.
-    """
-    sizes = _expect("input_ids", input_ids, "N,T")
-    _expect("position_ids", position_ids, "N,T", sizes)
-    _expect("trained", trained, "N,T", sizes)
-    if attention_mask.dim() not in (2, 4) or attention_mask.shape[0] != sizes["N"] or \
-            attention_mask.shape[-1] != sizes["T"]:
-        raise ValueError(f"attention_mask must have shape [N, 1, T, T] or [N, T] with N, T = {sizes['N']}, "
-                         f"{sizes['T']}, got {tuple(attention_mask.shape)}")
-    base = getattr(model, model.base_model_prefix)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids, use_cache=False).last_hidden_state   # N,T,H
-    sel = trained[:, 1:]                                             # token i predicted at i-1
-    h = hidden[:, :-1][sel]                                          # M,H
-    tok = input_ids[:, 1:][sel]                                      # M
-    lm_head = model.get_output_embeddings()
-    parts = [checkpoint(_chunk_logprobs, lm_head, h[c:c + chunk_size], tok[c:c + chunk_size],
-                        temperature, use_reentrant=False) if torch.is_grad_enabled()
-             else _chunk_logprobs(lm_head, h[c:c + chunk_size], tok[c:c + chunk_size], temperature)
-             for c in range(0, h.shape[0], chunk_size)]
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    out[:, 1:] = out[:, 1:].masked_scatter(sel, torch.cat(parts) if parts else h.new_zeros(0).float())
-    return out
-
-
-def packed_logprobs(model, packed: Packed, chunk_size: int = 1024,
-                    mask_dtype: torch.dtype | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """token_logprobs for a Packed batch on the model's device.  -> N,T"""
-    device = next(model.parameters()).device
-    dtype = mask_dtype or next(model.parameters()).dtype
-    mask = packed_attention_mask(packed.prefix_len.to(device), packed.block_start.to(device), dtype)
-    return token_logprobs(model, packed.input_ids.to(device), packed.position_ids.to(device), mask,
-                          (packed.adv_index >= 0).to(device), chunk_size, temperature)
-
-
-def token_advantages(packed: Packed, thinking_adv: torch.Tensor,
-                     summary_adv: torch.Tensor) -> torch.Tensor:
-    """Per-token advantage: a thinking token gets its segment's A[g,s], a summary token its summary's.
-
-    thinking_adv: N,S;  summary_adv: N,S,A  ->  N,T (0 where not trained)
-    """
-    sizes = _expect("packed.adv_index", packed.adv_index, "N,T")
-    for name, x, dims in (("thinking_adv", thinking_adv, "N,S"), ("summary_adv", summary_adv, "N,S,A")):
-        _expect(name, x, dims, sizes)
-    for d, n in (("S", packed.num_budgets), ("A", packed.num_summaries)):
-        if n is not None and sizes[d] != n:
-            raise ValueError(f"the packed rows have {d} = {n}, the advantages {d} = {sizes[d]}")
-    table = torch.cat([thinking_adv, summary_adv.flatten(1)], dim=1)        # N, S + S*A
-    idx = packed.adv_index
-    return table.gather(1, idx.clamp(min=0)) * (idx >= 0)
-
-
-# ----------------------------------------------------------------------------
-# 8. The loss: the whole objective in one function (anytime_loss)
-# ----------------------------------------------------------------------------
-
-def anytime_loss(model, packed: Packed, thinking_adv: torch.Tensor, summary_adv: torch.Tensor,
-                 normaliser: float, old_logprobs: torch.Tensor | None = None,
-                 ref_logprobs: torch.Tensor | None = None, clip_eps: float = 0.2, kl_coef: float = 0.0,
-                 temperature: float = 1.0, chunk_size: int = 1024,
-                 mask_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
-    """The AnytimeReasoner loss of N packed traces: decoupled advantages, then PPO-clip.
-
-        loss = 1/Z * sum over trained tokens i of  max(-A_i * ratio_i, -A_i * clip(ratio_i, 1-eps, 1+eps))
-               [+ kl_coef * 1/Z * sum_i KL_i]        ratio_i = pi(token i | its branch) / pi_old(...)
-
-    A_i is decoupled: a thinking token in segment (b_{s-1}, b_s] of trace n gets the
-    BRPO advantage thinking_adv[n, s]; a token of summary a at budget s gets that
-    summary's own advantage summary_adv[n, s, a]; prompts and inserted text are not
-    trained. Z = normaliser, a constant: traces in the whole update x largest budget,
-    so that micro-batches of one update add up to the loss of the whole update.
-    pi = softmax(logits / temperature), read in one forward over the packed rows.
-    old_logprobs (N,T, from before the first update of this rollout) make the ratio;
-    None means on-policy: old = current, detached, ratio 1, the REINFORCE gradient.
-    ref_logprobs (N,T) and kl_coef > 0 add a KL penalty to a reference model.
-
-    thinking_adv: N,S;  summary_adv: N,S,A  ->  (loss, stats: clipfrac, approx_kl,
-    tokens [, ref_kl]); stats are per trained token of this micro-batch.
-    """
-    advantages = token_advantages(packed, thinking_adv, summary_adv)    # N,T: the decoupled A_i
-    logprobs = packed_logprobs(model, packed, chunk_size, mask_dtype, temperature)   # N,T
-    old = logprobs.detach() if old_logprobs is None else old_logprobs
-    mask = (packed.adv_index >= 0).to(logprobs.device)                  # N,T: trained tokens
-    return policy_loss(logprobs, old, advantages.to(logprobs.device), mask, normaliser, clip_eps,
-                       ref_logprobs, kl_coef)
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, normaliser: float, clip_eps: float = 0.2,
-                ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0):
-    """PPO-clip with token-level aggregation: sum over trained tokens / a constant normaliser.
-
-    logprobs, old_logprobs, advantages, mask (and ref_logprobs): N,T.  Returns (loss, stats).
-    With old_logprobs = logprobs.detach(), ratio is 1, nothing is clipped, and the
-    gradient is the REINFORCE one, -sum A grad log pi / normaliser. Any per-token
-    log-probs work (one row per completion is N,T too), so this copies into other trainers.
-    """
-    sizes = _expect("logprobs", logprobs, "N,T")
-    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
-                    ("ref_logprobs", ref_logprobs)):
-        if x is not None:
-            _expect(name, x, "N,T", sizes)
-    mask = mask.to(logprobs.dtype)
-    logratio = logprobs - old_logprobs
-    ratio = logratio.exp()
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    loss = (torch.max(pg_loss1, pg_loss2) * mask).sum() / normaliser
-    n = mask.sum().clamp(min=1)
-    stats = {
-        "clipfrac": (((ratio - 1).abs() > clip_eps).float() * mask).sum().item() / n.item(),
-        # k3 estimator of KL(old || new), http://joschu.net/blog/kl-approx.html
-        "approx_kl": (((ratio - 1) - logratio) * mask).sum().item() / n.item(),
-        "tokens": int(mask.sum().item()),
-    }
-    if ref_logprobs is not None and kl_coef > 0:  # off by default: no reference model is loaded
-        d = ref_logprobs - logprobs
-        kl = d.exp() - d - 1                      # k3 estimate of KL(pi || ref), >= 0 per token
-        loss = loss + kl_coef * (kl * mask).sum() / normaliser
-        stats["ref_kl"] = (kl * mask).sum().item() / n.item()
-    return loss, stats
-
-
-# ----------------------------------------------------------------------------
-# 9. Evaluation and diagnostics
-# ----------------------------------------------------------------------------
-
-def anytime_accuracy(scores: torch.Tensor, prompt_index: torch.Tensor | None = None) -> torch.Tensor:
-    """Accuracy at each budget; its mean over budgets is the anytime score.  scores: B,G,S,A  ->  S"""
-    return pooled_scores(scores.float(), prompt_index).mean((0, 1))
-
-
-def evaluate(model, tokenizer, prompts: list[str], truths: list[str], budgets,
-             temperature: float = 0.6, summary_max_tokens: int = 64, think_batch_size: int = 64,
-             summary_batch_size: int = 256, progress=None) -> dict:
-    """Anytime accuracy of one trace and one summary per prompt at every budget of a grid:
-    {"budgets", "accuracy" (one per budget), "anytime_score" (their mean), "mean_think_len"}."""
-    if len(prompts) != len(truths):
-        raise ValueError(f"one truth per prompt: got {len(prompts)} prompts and {len(truths)} truths")
-    ro = rollout(model, tokenizer, prompts, budgets, 1, 1, temperature, summary_max_tokens,
-                 think_batch_size, summary_batch_size, progress=progress)
-    acc = anytime_accuracy(score_rollout(ro, truths), ro.prompt_index)
-    return {"budgets": list(ro.budgets), "accuracy": [round(x, 4) for x in acc.tolist()],
-            "anytime_score": round(acc.mean().item(), 4),
-            "mean_think_len": round(ro.think_len.float().mean().item(), 1)}
-
-
-def _masked_var(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    n = m.sum(0)
-    mean = (x * m).sum(0) / n
-    return (((x - mean) ** 2) * m).sum(0) / n
-
-
-def variance_diagnostics(scores: torch.Tensor, prior: torch.Tensor, think_len: torch.Tensor,
-                         budgets) -> dict[str, torch.Tensor]:
-    """Var[R - V] / Var[R] and corr(V, R) per budget, for V = V1, V2, BRPO (each S).
-
-    scores: B,G,S (r);  prior: S;  think_len: B,G;  budgets: S.  Only traces that reach
-    segment s (longer than b_{s-1}) count at budget s. NaN where a budget has < 2 such
-    traces or Var[R] = 0. The paper's variance figure: a lower ratio is a better baseline.
-    """
-    sizes = _expect("scores", scores, "B,G,S")
-    _expect("prior", prior, "S", sizes)
-    _expect("think_len", think_len, "B,G", sizes)
-    budgets = check_budgets(budgets)
-    if len(budgets) != sizes["S"]:
-        raise ValueError(f"budgets has {len(budgets)} entries where scores has S = {sizes['S']}")
-    S = scores.shape[-1]
-    R = returns_to_go(scores, prior)
-    values = {"v1": v1_baseline(scores, prior), "v2": v2_baseline(R), "brpo": brpo_baseline(scores, prior)}
-    starts = torch.tensor([0] + budgets[:-1])
-    m = (think_len[..., None] > starts).reshape(-1, S).to(scores.dtype)  # N,S: trace reaches segment s
-    m = torch.where(m.sum(0) >= 2, m, torch.full_like(m, float("nan")))
-    Rf = R.reshape(-1, S)
-    var_r = _masked_var(Rf, m)
-    var_r = torch.where(var_r > 0, var_r, torch.full_like(var_r, float("nan")))   # Var[R] = 0: no ratio
-    out = {}
-    for name, V in values.items():
-        Vf = V.reshape(-1, S)
-        out[f"var_ratio_{name}"] = _masked_var(Rf - Vf, m) / var_r
-        cov = (_masked_var(Rf + Vf, m) - var_r - _masked_var(Vf, m)) / 2
-        out[f"corr_{name}"] = cov / (var_r * _masked_var(Vf, m)).sqrt()
-    return out
-
-
-# ----------------------------------------------------------------------------
-# 10. The paper's runs
-# ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Preset:
-    num_summaries: int    # A, summaries per (trace, budget)
-    summary_method: str   # "brpo" (decoupled, all budgets) or "grpo" (last budget only)
-    num_budgets: int      # S
-    prior: str            # "uniform", "linear" or "base"
-    thinking_method: str  # "brpo", "grpo", "v1" or "none"
-
-
-# The paper's runs. Its final-answer baseline, then AnytimeReasoner with three priors, then
-# its ablation: one ingredient at a time added to GRPO (linear prior; decoupled summaries
-# with A = 4; "vr", the BRPO variance-reduced baseline). The authors: 64 questions x 8
-# traces per step, lr 1e-6, temperature 1.0, evaluation at temperature 0.6.
-PRESETS = {
-    "grpo":             Preset(1, "grpo", 1, "base",    "grpo"),
-    "ar-uniform":       Preset(4, "brpo", 4, "uniform", "brpo"),
-    "ar-linear":        Preset(4, "brpo", 4, "linear",  "brpo"),
-    "ar-base":          Preset(4, "brpo", 4, "base",    "brpo"),
-    "grpo+linear":      Preset(1, "grpo", 4, "linear",  "grpo"),
-    "grpo+decouple":    Preset(4, "brpo", 4, "base",    "grpo"),
-    "grpo+vr":          Preset(1, "grpo", 4, "base",    "brpo"),
-    "grpo+vr+decouple": Preset(4, "brpo", 4, "base",    "brpo"),
-}
-
-
-# ----------------------------------------------------------------------------
-# Appendix A. Tensor shape checks (used by sections 5-9)
+# Appendix B. Tensor shape checks (used by sections 4-8)
 # ----------------------------------------------------------------------------
 
 _LETTERS = {"B": "questions", "G": "traces per question", "S": "budgets", "A": "summaries per (trace, budget)",
@@ -1581,8 +1569,13 @@ def _expect(name: str, x, dims: str, sizes: dict | None = None) -> dict:
     return sizes
 
 
+def _floats(x: torch.Tensor) -> torch.Tensor:
+    """Scores may come as 0/1 integers or bools; the formulas take them as floats."""
+    return x if x.is_floating_point() else x.float()
+
+
 # ----------------------------------------------------------------------------
-# Appendix B. The sampling engine: generate(), its stopping rules, KV-cache reuse
+# Appendix C. The sampling engine: generate(), its stopping rules, KV-cache reuse
 # ----------------------------------------------------------------------------
 #
 # rollout() calls generate() twice: once for the thinking (keeping its KV cache), once for the
@@ -1680,7 +1673,7 @@ def _hf() -> SimpleNamespace:
     class _Buffered(DynamicLayer):
         """A DynamicLayer that writes each step's keys and values into a buffer with room for
         `capacity` positions, where DynamicLayer concatenates, copying the whole cache at every
-        step. The same keys and values, with spare room after them (bench.py, CPU: rollout 1.3-1.5x)."""
+        step. The same keys and values, with spare room after them (experiments/bench.py, CPU: rollout 1.3-1.5x)."""
 
         def __init__(self, capacity: int):
             super().__init__()

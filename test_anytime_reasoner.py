@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import os
-import random
 import re
 import subprocess
 import sys
@@ -27,10 +26,31 @@ import torch
 
 import anytime_reasoner as ar
 import train_small as ts
+from experiments import ablation, demo
 from anytime_reasoner import answers_match, extract_answer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GSM8K = os.path.join(HERE, "..", "shared", "gsm8k")
+
+# Every tolerance below is argued from float error, in a comment at its assert, never read off
+# a machine: EPS (float32) and EPS64 are the gaps above 1.0, so one rounding is <= EPS/2 x |value|.
+EPS, EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps   # 2**-23, 2**-52
+
+
+def close(got, want, tol, what=""):
+    """|got - want| <= tol everywhere (same shape, compared in float64); tol a number or a tensor
+    that broadcasts. With AR_TOLERANCE_LOG naming a file, appends the call site and the share of
+    the allowance used, max |got - want| / tol (tests/tolerance audits read it)."""
+    got, want = (torch.as_tensor(x, dtype=torch.float64).detach() for x in (got, want))
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err, tol = (got - want).abs(), torch.as_tensor(tol, dtype=torch.float64)
+    share = (err / tol).nan_to_num(0.0).max().item() if err.numel() else 0.0   # 0/0: exact, as allowed
+    if os.environ.get("AR_TOLERANCE_LOG"):
+        with open(os.environ["AR_TOLERANCE_LOG"], "a") as f:
+            f.write(f"{sys._getframe(1).f_lineno}\t{os.environ.get('PYTEST_CURRENT_TEST', '-').split(' ')[0]}"
+                    f"\t{what}\t{share:.3g}\t{err.max().item() if err.numel() else 0.0:.3g}\n")
+    assert (err <= tol).all(), f"{what} max |got - want| = {err.max().item():.3g}: {share:.3g} of the allowance"
+    return True
 
 
 # ----------------------------------------------------------------------------
@@ -39,12 +59,14 @@ GSM8K = os.path.join(HERE, "..", "shared", "gsm8k")
 
 def test_budget_priors():
     b = [100, 200, 300, 400]
-    assert torch.allclose(ar.budget_prior("uniform", b), torch.full((4,), 0.25))
-    assert torch.allclose(ar.budget_prior("linear", b), torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    # p / p.sum() in float32 against the exact values: a sum of <= 4 integers (exact) and one
+    # division, correctly rounded: <= EPS/2 on values <= 1; 4 EPS allowed
+    close(ar.budget_prior("uniform", b), [0.25] * 4, 4 * EPS)
+    close(ar.budget_prior("linear", b), [0.1, 0.2, 0.3, 0.4], 4 * EPS)
     assert torch.equal(ar.budget_prior("base", b), torch.tensor([0.0, 0.0, 0.0, 1.0]))
     # linear is proportional to the budget in tokens, not to its index (uneven budgets)
-    assert torch.allclose(ar.budget_prior("linear", [100, 300, 600]), torch.tensor([0.1, 0.3, 0.6]))
-    assert torch.allclose(ar.budget_prior("uniform", [100, 300, 600]), torch.full((3,), 1 / 3))
+    close(ar.budget_prior("linear", [100, 300, 600]), [0.1, 0.3, 0.6], 4 * EPS)
+    close(ar.budget_prior("uniform", [100, 300, 600]), [1 / 3] * 3, 4 * EPS)
     assert ar.evenly_spaced_budgets(8000, 4) == [2000, 4000, 6000, 8000]
     assert ar.evenly_spaced_budgets(512, 1) == [512]
     assert ar.evenly_spaced_budgets(100, 3) == [33, 67, 100]      # 33.3, 66.7: rounded, not floored
@@ -88,8 +110,8 @@ def test_thinking_advantages_hand_worked():
     # R = [[.5, 0], [.5, .5]];  V2 = [.5, .25];  V1[.,1] = r[.,0] * .5 = [.5, 0]
     expect = {"brpo": [[0.0, -0.375], [0.0, 0.375]], "grpo": [[0.0, -0.25], [0.0, 0.25]],
               "v1": [[0.5, -0.5], [0.5, 0.5]], "none": [[0.5, 0.0], [0.5, 0.5]]}
-    for method, e in expect.items():
-        assert torch.allclose(ar.thinking_advantages(r, p, method), torch.tensor([e])), method
+    for method, e in expect.items():   # float32, ~10 roundings on values <= 2: <= 10 EPS; 32 EPS allowed
+        close(ar.thinking_advantages(r, p, method), [e], 32 * EPS, method)
 
 
 def test_thinking_advantages_linear_prior_hand_worked():
@@ -100,11 +122,15 @@ def test_thinking_advantages_linear_prior_hand_worked():
     # V1 g0: prev = [0, 0, 2/3, 6/7], tail = [1, .9, .7, .4] -> [0, 0, 14/30, 24/70]; V1 g1 = 0
     # brpo s=2: (2 * 14/30 + 2 * .55) / 4 for g0
     adv = ar.thinking_advantages(r, p, "brpo")[0]
-    assert adv[0, 0].item() == pytest.approx(0.9 - 0.65)
-    assert adv[0, 1].item() == pytest.approx(0.9 - (0 + 3 * 0.65) / 4)
-    assert adv[0, 2].item() == pytest.approx(0.7 - (2 * 14 / 30 + 2 * 0.55) / 4)
-    assert adv[0, 3].item() == pytest.approx(0.4 - (3 * 24 / 70 + 0.4) / 4)
-    assert adv[1, 3].item() == pytest.approx(0.4 - (0 + 0.4) / 4)
+    # float32 against the exact values: the prior (1 rounding), cumulative sums of <= 4 terms,
+    # V1's ratio and product, BRPO's weighted mean: ~15 roundings on values <= 4 (S x V2):
+    # <= 15 x EPS/2 x 4 = 30 EPS; 64 EPS allowed
+    tol = 64 * EPS
+    close(adv[0, 0], 0.9 - 0.65, tol)
+    close(adv[0, 1], 0.9 - (0 + 3 * 0.65) / 4, tol)
+    close(adv[0, 2], 0.7 - (2 * 14 / 30 + 2 * 0.55) / 4, tol)
+    close(adv[0, 3], 0.4 - (3 * 24 / 70 + 0.4) / 4, tol)
+    close(adv[1, 3], 0.4 - (0 + 0.4) / 4, tol)
 
 
 @pytest.mark.parametrize("G, S", [(1, 1), (1, 4), (4, 1), (3, 4), (8, 6)])
@@ -115,42 +141,67 @@ def test_thinking_advantages_match_loop_oracle(G, S, prior, method):
     r = torch.randint(0, 5, (2, G, S)).double() / 4
     p = ar.budget_prior(prior, list(range(1, S + 1))).double()
     got = ar.thinking_advantages(r, p, method)
-    assert torch.allclose(got, oracle_thinking_adv(r, p, method), atol=1e-9)
+    # both in float64, the same sums in another order: <= G + S + 8 = 22 roundings on values <= S = 6
+    # (BRPO's (S - s) V2): <= 22 x EPS64/2 x 6 = 66 EPS64; 256 EPS64 allowed
+    close(got, oracle_thinking_adv(r, p, method), 256 * EPS64)
 
 
 def test_thinking_advantages_g1_and_equal_rewards():
     p = ar.budget_prior("uniform", [1, 2, 3])
     r = torch.tensor([[[1.0, 0.0, 1.0]]])  # G = 1: V2 = 0, so GRPO's advantage is the return
-    assert torch.allclose(ar.thinking_advantages(r, p, "grpo"), ar.returns_to_go(r, p))
+    assert torch.equal(ar.thinking_advantages(r, p, "grpo"), ar.returns_to_go(r, p))   # R - 0 is R, exactly
     for value in (0.0, 1.0):  # everyone equal: nothing to learn, and no NaN
         same = torch.full((2, 4, 3), value)
         for method in ("brpo", "grpo"):
             adv = ar.thinking_advantages(same, p, method)
-            assert torch.isfinite(adv).all() and torch.allclose(adv, torch.zeros_like(adv), atol=1e-7)
+            # R and its baselines are float32 sums of <= 4 terms <= 1 in other orders (R's tail sum,
+            # V1's prior tail, V2's mean of 4, BRPO's weighted mean of values <= S = 3): each
+            # <= 8 x EPS/2 x 3 off the exact value; their difference <= 24 EPS; 64 EPS allowed
+            assert torch.isfinite(adv).all() and close(adv, torch.zeros_like(adv), 64 * EPS, method)
 
 
 def test_summary_advantages_hand_worked():
     # B=1, G=2, S=2, A=2
     scores = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [1.0, 0.0]]]])
+    # float32 against the exact values: a mean of <= 3 scores in {0, 1} and one subtraction:
+    # <= 3 roundings on values <= 1, <= 2 EPS; 8 EPS allowed (also below)
     adv = ar.summary_advantages(scores, "brpo")
     expect = torch.tensor([[[[0.5, -0.5], [0.0, 0.0]], [[0.0, 0.0], [0.5, -0.5]]]])
-    assert torch.allclose(adv, expect)
+    close(adv, expect, 8 * EPS)
     adv = ar.summary_advantages(scores, "grpo")  # only the last budget learns
-    assert torch.allclose(adv, expect * torch.tensor([0.0, 1.0])[:, None])
+    close(adv, expect * torch.tensor([0.0, 1.0])[:, None], 8 * EPS)
     # A = 1: baseline is the mean over the G traces at that budget
     one = torch.tensor([[[[1.0], [0.0]], [[0.0], [0.0]], [[1.0], [1.0]]]])  # G=3, S=2
     adv = ar.summary_advantages(one, "brpo")
-    assert torch.allclose(adv[0, :, 0, 0], torch.tensor([1 / 3, -2 / 3, 1 / 3]))
-    assert torch.allclose(adv[0, :, 1, 0], torch.tensor([-1 / 3, -1 / 3, 2 / 3]))
+    close(adv[0, :, 0, 0], [1 / 3, -2 / 3, 1 / 3], 8 * EPS)
+    close(adv[0, :, 1, 0], [-1 / 3, -1 / 3, 2 / 3], 8 * EPS)
+
+
+def test_scores_may_be_integers_or_bools():
+    """0/1 scores as a reward function may give them, ints or bools, give the float results
+    (hand-worked: r = [[1, 1], [0, 1]], uniform prior; R = [[1, .5], [.5, .5]], V2 = [.75, .5],
+    V1[., 1] = [.5, 0]; BRPO at s = 1: (V1 + V2) / 2 = [.5, .25])."""
+    scores = torch.tensor([[[[1, 0], [1, 1]], [[0, 0], [1, 0]]]])       # B=1, G=2, S=2, A=2
+    p = ar.budget_prior("uniform", [1, 2])
+    for x in (scores, scores.bool()):
+        # a few float32 operations on values <= 1: within 8 EPS of the exact values
+        close(ar.summary_advantages(x, "brpo"), [[[[0.5, -0.5], [0.0, 0.0]], [[0.0, 0.0], [0.5, -0.5]]]], 8 * EPS)
+        close(ar.summary_advantages(x[..., :1], "brpo"), [[[[0.5], [0.0]], [[-0.5], [0.0]]]], 8 * EPS)
+        close(ar.pooled_scores(x, torch.tensor([[[0, 1], [0, 0]]])), [[[0.5, 1.0], [0.25, 0.25]]], 8 * EPS)
+        close(ar.thinking_advantages(x[..., 0], p, "brpo"), [[[0.25, 0.0], [-0.25, 0.25]]], 8 * EPS)
+        close(ar.thinking_advantages(x[..., 0], p, "v1"), [[[1.0, 0.0], [0.5, 0.5]]], 8 * EPS)
+        assert ar.variance_diagnostics(x[..., 0], p, torch.tensor([[2, 2]]), [1, 2])["var_ratio_v2"].dtype.is_floating_point
 
 
 def test_pooled_collapsed_budgets():
     # one trace closed before budget 1: budgets 1 and 2 share a prompt, 2*A summaries pooled
     scores = torch.tensor([[[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]]])   # B=G=1, S=3, A=2
     index = torch.tensor([[[0, 1, 1]]])
-    assert torch.allclose(ar.pooled_scores(scores, index), torch.tensor([[[0.5, 0.75, 0.75]]]))
+    # float32 against the exact values: sums of <= 4 scores in {0, 1}, a division, a subtraction:
+    # <= 3 roundings on values <= 4, <= 6 EPS; 16 EPS allowed
+    close(ar.pooled_scores(scores, index), [[[0.5, 0.75, 0.75]]], 16 * EPS)
     adv = ar.summary_advantages(scores, "brpo", index)
-    assert torch.allclose(adv[0, 0], torch.tensor([[0.5, -0.5], [0.25, 0.25], [-0.75, 0.25]]))
+    close(adv[0, 0], [[0.5, -0.5], [0.25, 0.25], [-0.75, 0.25]], 16 * EPS)
 
 
 # ----------------------------------------------------------------------------
@@ -182,7 +233,7 @@ def test_first_stop_on_ids(think_end):
 
 def test_first_stop_on_text_with_other_merges():
     """Qwen2.5 writes </think> as several tokens; a trace may end it with a merged '>\n\n'."""
-    tok = ts.tiny_tokenizer(think_end_special=False)
+    tok = demo.tiny_tokenizer(think_end_special=False)
     tok.add_tokens([">\n\n"])
     canonical = ar.encode(tok, ar.THINK_END)
     merged = ar.encode(tok, "12</think") + tok.convert_tokens_to_ids([">\n\n"]) + ar.encode(tok, "34")
@@ -215,8 +266,8 @@ def test_pack_trace_layout_and_mask():
 
 @pytest.fixture(scope="module", params=[True, False], ids=["think-1-token", "think-8-tokens"])
 def tiny(request):
-    tok = ts.tiny_tokenizer(think_end_special=request.param)
-    model = ts.tiny_model(tok, hidden=64, layers=2, seed=0).eval()
+    tok = demo.tiny_tokenizer(think_end_special=request.param)
+    model = demo.tiny_model(tok, hidden=64, layers=2, seed=0).eval()
     torch.manual_seed(0)
     prompts = ["a>d\n<think>\n", "what is 2+3?\n<think>\n"]
     ro = ar.rollout(model, tok, prompts, [6, 12, 18], num_traces=3, num_summaries=2,
@@ -255,8 +306,8 @@ def test_rollout_structure(tiny):
 def test_rollout_closes_on_think_end_and_pools():
     """A scripted model thinks "12345</think>" (13 tokens, </think> as 8 characters) and then
     answers with EOS: budgets past the close share one prompt with no ellipsis."""
-    tok = ts.tiny_tokenizer(think_end_special=False)
-    model = ts.tiny_model(tok, hidden=32, layers=1).eval()
+    tok = demo.tiny_tokenizer(think_end_special=False)
+    model = demo.tiny_model(tok, hidden=32, layers=1).eval()
     prompt = "q\n<think>\n"
     P, script = len(ar.encode(tok, prompt)), ar.encode(tok, "12345" + ar.THINK_END)
     state = {}
@@ -302,8 +353,8 @@ def test_rollout_closes_on_think_end_and_pools():
 def test_generate_shares_identical_rows_exactly():
     """Identical rows are encoded once and their KV cache copied: greedy outputs must equal
     those of generating each sequence alone."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=64, layers=2, seed=3).eval()
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=64, layers=2, seed=3).eval()
     x, y = ar.encode(tok, "abc>d\n<think>\n"), ar.encode(tok, "q\n<think>\n12")
     together = ar.generate(model, tok, [x, y, x, x, y], 10, temperature=0.0, batch_size=8)
     alone = [ar.generate(model, tok, [s], 10, temperature=0.0, batch_size=1)[0] for s in (x, y)]
@@ -320,8 +371,8 @@ def test_summaries_on_the_thinking_cache_equal_re_encoded(special, G, A):
     early (its budgets collapse), one that ends in EOS (later cuts hold it) and one that
     runs to the last budget; several thinking and summary batches, with rows that share
     a prompt (G traces, k*A summaries: encoded once, then copied) and without."""
-    tok = ts.tiny_tokenizer(think_end_special=special)
-    model = ts.tiny_model(tok, hidden=64, layers=2, seed=1).eval()
+    tok = demo.tiny_tokenizer(think_end_special=special)
+    model = demo.tiny_model(tok, hidden=64, layers=2, seed=1).eval()
     with torch.no_grad():  # weights 10x the usual init: summaries that depend on every cached key
         for p in model.parameters():
             if p.dim() == 2:
@@ -379,7 +430,7 @@ def test_summaries_on_the_thinking_cache_equal_re_encoded(special, G, A):
 
 
 def test_think_end_stop_decodes_only_rows_that_may_close(monkeypatch):
-    tok = ts.tiny_tokenizer(think_end_special=False)
+    tok = demo.tiny_tokenizer(think_end_special=False)
     stop = ar._ThinkEndStop(tok, ar.encode(tok, ar.THINK_END), prompt_len=2)
     rows = ["q\nab</think>", "q\n</think>ab", "q\nabcdefg>hi", "q\nabcdefghi>"]
     decoded, decode = [], tok.decode
@@ -387,6 +438,16 @@ def test_think_end_stop_decodes_only_rows_that_may_close(monkeypatch):
     done = stop(torch.tensor([ar.encode(tok, r) for r in rows]), None)
     assert done.tolist() == [True, False, False, False]
     assert len(decoded) == 2                    # only the rows whose newest token holds a ">"
+
+
+def logprob_tol(ref):
+    """The allowance for float32 log-probs of one model's forward done in another order (packed rows
+    with a block mask and padding vs a plain causal forward; other batch sizes; the output layer
+    in chunks): the hidden states come from ~20 matrix products, norms and softmaxes per layer,
+    each a sum of <= 2H terms, and differ by a few EPS of their size per layer; a log-prob is a
+    logit (~1 here) minus a log-sum-exp over V ~ 100 logits, so of size <= 1 + |log p|. Two layers,
+    a few EPS each, and the log-sum-exp's: ~10 EPS x (1 + |log p|); 64 EPS x (1 + |log p|) allowed."""
+    return 64 * EPS * (1 + torch.as_tensor(ref).abs())
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -409,7 +470,7 @@ def test_packed_logprobs_match_unpacked(tiny, attn):
         for g in range(3):
             P, think = len(ro.prompt_ids[b]), ro.think_ids[b][g]
             ref = unpacked(ro.prompt_ids[b] + think)[P - 1:]
-            assert torch.allclose(lp[n, P:P + len(think)], ref, atol=1e-5)
+            close(lp[n, P:P + len(think)], ref, logprob_tol(ref), "thinking")
             offset = P + len(think)
             for s in range(3):
                 ins = inserts[bool(ro.truncated[b, g, s])]
@@ -417,7 +478,7 @@ def test_packed_logprobs_match_unpacked(tiny, attn):
                     summ = ro.summary_ids[b][g][s][a]
                     ref = unpacked(ro.prompt_ids[b] + think[:ro.cuts[b, g, s]] + ins + summ)[-len(summ):]
                     got = lp[n, offset + len(ins):offset + len(ins) + len(summ)]
-                    assert torch.allclose(got, ref, atol=1e-5)
+                    close(got, ref, logprob_tol(ref), "summary")
                     offset += len(ins) + len(summ)
                     checked += 1
             assert (lp[n, offset:] == 0).all()   # padding untouched
@@ -458,13 +519,17 @@ def test_loss_gradient_is_reinforce_at_ratio_one(tiny):
     lp = ar.packed_logprobs(model, packed, chunk_size=16)
     loss, stats = ar.policy_loss(lp, lp.detach(), adv, mask, normaliser=123.0)
     g1 = torch.autograd.grad(loss, params)
-    assert stats["clipfrac"] == 0 and abs(stats["approx_kl"]) < 1e-12
+    assert stats["clipfrac"] == 0 and stats["approx_kl"] == 0   # log ratio lp - lp = 0: (e^0 - 1) - 0 = 0 exactly
 
     # REINFORCE: -sum A * log pi / normaliser, with log pi from an unchunked, unpacked-style path
     lp2 = ar.packed_logprobs(model, packed, chunk_size=10 ** 9)
     g2 = torch.autograd.grad(-(adv * lp2 * mask).sum() / 123.0, params)
+    # the same float32 forward; the output layer's products and the gradient's sums over the
+    # M ~ 300 trained tokens (random-sign advantages) taken in other chunks, so in another
+    # order: rounding errors add like a random walk, ~ sqrt(M) x EPS/2 x one term, and the
+    # sum itself is ~ sqrt(M) x one term: ~ EPS/2 x max |grad| of the tensor; 64 EPS allowed
     for a, b in zip(g1, g2):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+        close(a, b, 64 * EPS * b.abs().max())
 
 
 def test_loss_clips_and_reports():
@@ -476,10 +541,12 @@ def test_loss_clips_and_reports():
     loss.backward()
     # token 0: ratio e > 1.2 with A > 0 -> clipped, no gradient; token 1: ratio 1/e < .8, A < 0
     # -> clipped, no gradient; token 2: ratio 1 -> gradient -A / normaliser
-    assert torch.allclose(lp.grad, torch.tensor([[0.0, 0.0, -2.0 / 3.0]]))
-    assert stats["clipfrac"] == pytest.approx(2 / 3)
+    close(lp.grad, [[0.0, 0.0, -2.0 / 3.0]], 4 * EPS)   # -2 x 1 / 3 in float32: one rounding, <= EPS/2
+    assert stats["clipfrac"] == 2 / 3                    # a count of 2 (exact) / 3 in float64, as here
     k3 = ((torch.e - 1) - 1 + (1 / torch.e - 1) + 1) / 3
-    assert stats["approx_kl"] == pytest.approx(k3, rel=1e-5)
+    # float32 exp of +-1 (<= 2 ulp of e), 2 subtractions per token and a sum of 3 terms, all
+    # of size <= e: ~10 roundings x EPS/2 x 3 = 15 EPS; 64 EPS allowed
+    close(stats["approx_kl"], k3, 64 * EPS)
 
 
 def test_loss_kl_to_reference():
@@ -491,11 +558,16 @@ def test_loss_kl_to_reference():
     loss, stats = ar.policy_loss(lp, lp.detach(), torch.zeros(1, 2), mask, 2.0, ref_logprobs=ref, kl_coef=0.1)
     k3 = (math.exp(0.5) - 0.5 - 1) + (math.exp(0.2) - 0.2 - 1)          # 0.14872 + 0.02140
     flipped = (math.exp(-0.5) + 0.5 - 1) + (math.exp(-0.2) + 0.2 - 1)   # 0.10653 + 0.01873
-    assert loss.item() == pytest.approx(0.1 * k3 / 2.0, rel=1e-5)
-    assert abs(loss.item() - 0.1 * flipped / 2.0) > 1e-3
-    assert stats["ref_kl"] == pytest.approx(k3 / 2, rel=1e-5)
+    # float32 against the exact values: d (-0.8 is stored EPS/2 x 0.8 off), e^d (<= 2 ulp of
+    # 1.65), 2 subtractions, a sum of 2 terms, all of size <= 2: ~8 roundings, <= 8 EPS; then
+    # x 0.1 / 2 (2 roundings more): allow 0.05 x 32 EPS for the loss, 0.5 x 32 EPS for ref_kl
+    tol = 32 * EPS
+    close(loss.item(), 0.1 * k3 / 2.0, 0.05 * tol)
+    assert abs(loss.item() - 0.1 * flipped / 2.0) > 1000 * 0.05 * tol   # the other direction is far outside it
+    close(stats["ref_kl"], k3 / 2, 0.5 * tol)
     loss.backward()   # d/d lp of (e^d - d - 1) = 1 - e^d < 0 for d > 0: the loss pulls pi up towards ref
-    assert torch.allclose(lp.grad, 0.1 * (1 - torch.tensor([[0.5, 0.2]]).exp()) / 2.0)
+    # 1 - e^d as above (<= 8 EPS), x 0.1 / 2: 0.05 x 32 EPS allowed
+    close(lp.grad, 0.1 * (1 - torch.tensor([[0.5, 0.2]], dtype=torch.float64).exp()) / 2.0, 0.05 * tol)
 
 
 def _plain_logprobs(model, seq, temperature):
@@ -562,9 +634,21 @@ def test_anytime_loss_matches_an_unpacked_oracle(tiny):
     expect = oracle_ppo_loss(tokens, [x.detach() - shift(n, index(k)) for n, k, x in tokens],
                              thinking_adv, summary_adv, 50.0)
     assert stats["tokens"] == len(tokens) and 0.2 < stats["clipfrac"] < 0.8
-    assert loss.item() == pytest.approx(expect.item(), rel=1e-5)
+    # the loss: each token's term A r = A e^(lp - old) has a float32 log ratio built from log-probs
+    # of size |lp| <= L (old = lp - shift rounds, then lp - old): <= EPS x (L + 2) relative with
+    # exp's rounding, on both sides; the sums of the terms in another order (a random walk of
+    # EPS/2 x one term) add less. So <= 2 EPS (L + 2) x sum |A r| / Z; 16 EPS (L + 2) allowed
+    adv_of = lambda n, k: thinking_adv[n, k[1]] if k[0] == "think" else summary_adv[n, k[1], k[2]]
+    size = sum(abs(adv_of(n, k).item()) * math.exp(shift(n, index(k))) for n, k, _ in tokens) / 50.0
+    L = max(abs(x.item()) for _, _, x in tokens)
+    close(loss.item(), expect.item(), 16 * EPS * (L + 2) * size, "loss")
+    # the gradients: packed vs plain forwards and backwards, every stage in another order: ~50
+    # stages (2 layers x ~8 products, norms and softmaxes, each way, the output layer, log-softmax),
+    # each ~EPS/2 of its size; the sums over the ~300 tokens (random-sign terms) stay ~EPS/2 x the
+    # sum. Linearly <= 25 EPS x the gradient's size (its tensor's max |grad|), ~sqrt(50) x EPS/2
+    # = 4 EPS as errors add at random; 256 EPS x max |grad| of the tensor allowed
     for got, want in zip(grads, torch.autograd.grad(expect, params)):
-        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+        close(got, want, 256 * EPS * want.abs().max(), "grad")
 
 
 @pytest.mark.parametrize("stop_at_box", [False, True])
@@ -572,8 +656,8 @@ def test_rl_step_rolls_out_with_the_stop_at_box_flag(monkeypatch, stop_at_box):
     """--stop-at-box reaches the training rollout (summaries stop at their first closed box),
     and its absence too (summaries run to EOS), whatever rollout()'s own default."""
     import dataclasses
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1)
     args = dataclasses.replace(_step_args("ar-uniform"), stop_at_box=stop_at_box)
     rollouts = Recorder(ar.rollout)
     monkeypatch.setattr(ar, "rollout", rollouts)
@@ -596,9 +680,9 @@ def test_two_updates_follow_the_ppo_schedule(monkeypatch, preset, kl_coef):
     frozen start is after some steps), never to the policy. The step's logged reward is the mean
     of all its scores, its gradient norm the mean of the two updates' norms before clipping.
     grpo+decouple: GRPO advantages for the thinking, the decoupled ones for the summaries."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1, seed=6)
-    ref_model = ts.tiny_model(tok, hidden=32, layers=1, seed=9) if kl_coef else None
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1, seed=6)
+    ref_model = demo.tiny_model(tok, hidden=32, layers=1, seed=9) if kl_coef else None
     args = _step_args(preset, updates_per_rollout=2, temperature=0.7, micro_batch=2, traces=3, kl_coef=kl_coef)
     thinking_method, summary_method = {"ar-uniform": ("brpo", "brpo"), "grpo+decouple": ("grpo", "brpo")}[preset]
     rollouts, scored = Recorder(ar.rollout), Recorder(lambda ro, truths: torch.rand(2, 3, 4, 4).round())
@@ -636,21 +720,38 @@ def test_two_updates_follow_the_ppo_schedule(monkeypatch, preset, kl_coef):
         scale = min(1.0, 1.0 / (norms[-1] + 1e-6))  # clip 1.0
         return [p.detach() - lr * scale * g for p, g in zip(net.parameters(), grads)]
 
+    def step_tol(want, before):
+        # the step lr x scale x g: the gradient as in the anytime-loss test (packed vs plain, every
+        # stage in another order: <= 25 EPS x its tensor's max, 256 EPS allowed there), times the
+        # clip scale (a norm of ~3000 squares and a division: a few EPS); update 2's ratios also
+        # carry both forwards' log-prob errors (logprob_tol's ~EPS x |log p|, |log p| <= ~10 here).
+        # 256 EPS x the tensor's largest step allowed. Then p - step is rounded to float32 on each
+        # side: steps a few EPS apart land on neighbouring floats, one ulp of p (<= EPS |p|) apart,
+        # routinely; 16 EPS |p| allowed for that one ulp
+        return 16 * EPS * want.abs() + 256 * EPS * (want - before.detach()).abs().max()
+
     first = by_hand(copy.deepcopy(start), start, 0)
-    for want, got in zip(first, after[0].parameters()):
-        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    for want, got, p0 in zip(first, after[0].parameters(), start.parameters()):
+        close(got, want, step_tol(want, p0), "update 1")
     second = by_hand(copy.deepcopy(after[0]), start, 1)
     moved = max((a - b).abs().max().item() for a, b in zip(after[0].parameters(), start.parameters()))
     assert moved > 1e-3                                   # update 2 really sees a moved policy
-    for want, got in zip(second, after[1].parameters()):
-        assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
+    for want, got, p1 in zip(second, after[1].parameters(), after[0].parameters()):
+        close(got, want, step_tol(want, p1), "update 2")
     assert metrics["updates"] == 2
-    assert metrics["grad_norm"] == pytest.approx((norms[0] + norms[1]) / 2, abs=1e-4)
-    assert norms[0] != pytest.approx(norms[1], abs=1e-3)   # the mean differs from either norm
-    assert metrics["reward"] == pytest.approx(scores.float().mean().item(), abs=1e-4)
+    # the metrics are logged rounded to 4 decimals (approx_kl to 6); the by-hand values come from
+    # plain forwards and sums in another order, a few EPS off (~1e-7 here, well under a unit), so
+    # both round to the same decimal or, across a rounding boundary, to neighbours: one unit allowed
+    # (x 1.01: the decimals' binary error). A token whose clip differed would move clipfrac by 1/436.
+    digits = lambda x, d: close(metrics[x], round(want[x], d), 1.01 * 10.0 ** -d, x)
+    want = {"grad_norm": (norms[0] + norms[1]) / 2}
+    digits("grad_norm", 4)
+    assert abs(norms[0] - norms[1]) / 2 > 5 * 1e-4   # the mean is 5 units from either norm
+    assert metrics["reward"] == round(scores.float().mean().item(), 4)   # the same float32 mean
     ratio, kl = torch.cat(ratios), torch.cat(kls)   # every trained token of the step, once
-    assert metrics["clipfrac"] == pytest.approx(((ratio - 1).abs() > 0.2).float().mean().item(), abs=1e-4)
-    assert metrics["approx_kl"] == pytest.approx(kl.mean().item(), rel=1e-3, abs=1e-6)
+    want |= {"clipfrac": ((ratio - 1).abs() > 0.2).float().mean().item(), "approx_kl": kl.mean().item()}
+    digits("clipfrac", 4)
+    digits("approx_kl", 6)
     assert metrics["approx_kl"] > 1e-4                     # update 2's ratios are off 1
 
 
@@ -704,10 +805,9 @@ def test_a_wrong_shape_is_a_clear_error(name):
 
 def test_budgets_as_tensors_arrays_or_lists():
     import numpy as np
-    want = torch.tensor([1 / 3, 2 / 3])
     for budgets in ([128, 256], (128, 256), torch.tensor([128, 256]), np.array([128, 256]),
-                    [np.int64(128), np.int64(256)]):
-        assert torch.allclose(ar.budget_prior("linear", budgets), want)
+                    [np.int64(128), np.int64(256)]):   # float32: one exact sum, one division (<= EPS/2)
+        close(ar.budget_prior("linear", budgets), [1 / 3, 2 / 3], 4 * EPS)
         assert ar.check_budgets(budgets) == [128, 256] and type(ar.check_budgets(budgets)[0]) is int
 
 
@@ -720,7 +820,7 @@ sys.modules["transformers"] = None          # any import of transformers now fai
 import torch, anytime_reasoner as ar
 p = ar.budget_prior("linear", [1, 2, 3, 4])
 r = torch.tensor([[[1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]]])
-print(round(ar.thinking_advantages(r, p)[0, 0, 3].item(), 6))
+print(ar.thinking_advantages(r, p)[0, 0, 3].item())          # every digit: no rounding to allow for
 print(ar.summary_advantages(torch.ones(1, 2, 4, 2)).abs().sum().item())
 lp = torch.zeros(1, 3, requires_grad=True)
 print(ar.policy_loss(lp, lp.detach(), torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool), 3.0)[0].item())
@@ -734,7 +834,8 @@ except ImportError as e:
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     # trace 0 at s=3: R = .4; prev = (1 + 4) / 7, V1 = 5/7 * .4, V2 = .4: baseline (3 V1 + V2) / 4
-    assert float(lines[0]) == pytest.approx(0.4 - (3 * 0.4 * 5 / 7 + 0.4) / 4, abs=1e-6)
+    # float32 against the exact value: as in the hand-worked linear-prior test, 64 EPS allowed
+    close(float(lines[0]), 0.4 - (3 * 0.4 * 5 / 7 + 0.4) / 4, 64 * EPS)
     assert lines[1:4] == ["0.0", "-1.0", "True"]
     assert lines[4].startswith("ImportError: generation needs transformers")
 
@@ -759,8 +860,8 @@ def file_sections() -> dict[str, tuple[int, int]]:
 
 
 def readme_pieces() -> list[dict]:
-    """The rows of the README's "Copy one piece" table: names, line ranges, what they need."""
-    text = Path(HERE, "README.md").read_text().split("## Copy one piece")[1].split("\n## ")[0]
+    """The rows of the "Copy one piece" table of docs/code.md: names, line ranges, what they need."""
+    text = Path(HERE, "docs", "code.md").read_text().split("## Copy one piece")[1].split("\n## ")[0]
     rows = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -799,7 +900,7 @@ calls = {   # name -> arguments, run on the copied piece and on the module
 }
 def same(a, b):
     if isinstance(a, torch.Tensor):
-        return a.shape == b.shape and torch.allclose(a, b, equal_nan=True)
+        return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)  # same code: bit for bit
     if isinstance(a, (tuple, list)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
@@ -818,14 +919,14 @@ print(json.dumps(report))
 
 
 def test_each_listed_piece_runs_on_its_own():
-    """The README's "Copy one piece" table: each row's lines (its section, plus the imports and what
+    """The "Copy one piece" table of docs/code.md: each row's lines (its section, plus the imports and what
     it says it needs) are executed alone, without transformers, and every function the row names
     gives what the module gives. The line ranges must be the file's current sections."""
     pieces, sections = readme_pieces(), file_sections()
     assert len(pieces) >= 6
     stale = [f"{a}–{b} ({where}): now {sections.get(where)}" for piece in pieces for a, b, where in piece["ranges"]
              if sections.get(where) != (a, b)]
-    assert not stale, "README line ranges: " + "; ".join(stale)
+    assert not stale, "docs/code.md line ranges: " + "; ".join(stale)
     for piece in pieces:
         assert piece["ranges"][0][2] == "imports", piece["piece"]   # every row starts from the imports
     r = subprocess.run([sys.executable, "-c", PIECE_CHECK, json.dumps(pieces)], capture_output=True,
@@ -846,7 +947,7 @@ def test_each_listed_piece_runs_on_its_own():
 
 def test_anytime_accuracy():
     scores = torch.tensor([[[[1.0], [1.0]]], [[[0.0], [1.0]]]])   # B=2, G=1, S=2, A=1
-    assert torch.allclose(ar.anytime_accuracy(scores), torch.tensor([0.5, 1.0]))
+    close(ar.anytime_accuracy(scores), [0.5, 1.0], 4 * EPS)   # float32 means of 2 numbers in {0, 1}: <= EPS/2
 
 
 def test_variance_diagnostics_nan_where_returns_do_not_vary():
@@ -858,7 +959,9 @@ def test_variance_diagnostics_nan_where_returns_do_not_vary():
     for name in ("v1", "v2", "brpo"):
         assert math.isnan(out[f"var_ratio_{name}"][1].item()) and math.isfinite(out[f"var_ratio_{name}"][0].item())
     # budget 0: R = [1, .5, 1], V2 = 2.5/3 everywhere, V1 = 0: Var[R - V2] / Var[R] = 1
-    assert out["var_ratio_v2"][0].item() == pytest.approx(1.0)
+    # float64 variances of values <= 1 as in the test below: 128 EPS64 x (1 + 1) / Var[R] allowed,
+    # Var[R] = 1/18
+    close(out["var_ratio_v2"][0], 1.0, 128 * EPS64 * 2 * 18)
 
 
 def test_variance_diagnostics_against_numpy():
@@ -878,10 +981,93 @@ def test_variance_diagnostics_against_numpy():
         keep = lens > start
         Rs, V1, V2 = R[keep, s], v1[keep, s], v2[keep, s]
         brpo = (s * V1 + (S - s) * V2) / S
+        # float64 on both sides, another order (and brpo's V rebuilt here, <= 4 roundings): a variance
+        # of n <= 24 values with deviations <= 1 takes <= 2n + 4 roundings of terms <= 1 (<= 4 for
+        # Var[R + V], which corr's cov = (Var[R + V] - Var[R] - Var[V]) / 2 needs), so it is off by
+        # <= 26 EPS64 (104 for Var[R + V]) in absolute terms, whatever its size. var_ratio: both sides'
+        # errors, <= 56 EPS64 (1 + ratio) / Var[R]; corr: <= 104 EPS64 / min(Var[R], Var[V]). Twice
+        # that allowed: 128 EPS64 (1 + ratio) / Var[R] and 256 EPS64 / min(Var[R], Var[V])
         for name, V in (("v1", V1), ("v2", V2), ("brpo", brpo)):
-            assert out[f"var_ratio_{name}"][s].item() == pytest.approx(np.var(Rs - V) / np.var(Rs), rel=1e-6)
+            ratio = np.var(Rs - V) / np.var(Rs)
+            close(out[f"var_ratio_{name}"][s], ratio, 128 * EPS64 * (1 + ratio) / np.var(Rs), name)
             if np.std(V) > 0:
-                assert out[f"corr_{name}"][s].item() == pytest.approx(np.corrcoef(V, Rs)[0, 1], rel=1e-6)
+                close(out[f"corr_{name}"][s], np.corrcoef(V, Rs)[0, 1], 256 * EPS64 / min(np.var(Rs), np.var(V)), name)
+
+
+# ----------------------------------------------------------------------------
+# the worked example (experiments/worked_example.py) and the docs
+# ----------------------------------------------------------------------------
+
+# The worked example's case, written out again here: 1 question, G = 4 traces, S = 4 budgets, A = 2.
+WE_BUDGETS, WE_LEN, WE_WHY = [4, 8, 12, 16], [16, 16, 16, 10], ["max", "max", "max", "think"]
+WE_SCORES = torch.tensor([[[[1, 0], [1, 1], [1, 1], [1, 1]], [[0, 0], [0, 0], [0, 1], [1, 1]],
+                           [[0, 0], [0, 0], [0, 0], [0, 0]], [[0, 0], [1, 0], [1, 1], [1, 0]]]]).float()
+
+
+def test_the_worked_example_prints_the_library_s_numbers(tmp_path):
+    """`python -m experiments.worked_example`, run as the docs give it: every table it prints is what
+    the library's functions return on the case, every token's advantage and the attention mask are
+    the library's packed row of trace 3, three numbers equal values worked by hand, and --figure
+    writes the figure (a PNG, or a text chart without matplotlib)."""
+    r = run_script("--figure", str(tmp_path / "trace3.png"), cmd=[sys.executable, "-m", "experiments.worked_example"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    blocks = r.stdout.split("\n\n")
+    index = torch.tensor([[ar.summary_prompts(n, w, WE_BUDGETS)[2] for n, w in zip(WE_LEN, WE_WHY)]])
+    p = ar.budget_prior("uniform", WE_BUDGETS)
+    rr = ar.pooled_scores(WE_SCORES, index)
+    R = ar.returns_to_go(rr, p)
+    want = [WE_SCORES[0], rr[0], p[None], R[0], ar.v1_baseline(rr, p)[0], ar.v2_baseline(R)[0],
+            ar.brpo_baseline(rr, p)[0], ar.thinking_advantages(rr, p, "brpo")[0],
+            ar.thinking_advantages(rr, ar.budget_prior("base", WE_BUDGETS), "grpo")[0],
+            ar.summary_advantages(WE_SCORES, "brpo", index)[0]]
+    printed = []   # printed with 3 decimals: each must read as the library's value written so, exactly
+    for block, x in zip(blocks, want):   # title, budgets, then one row per trace: its label, then numbers
+        printed.append([re.findall(r"-?\d+\.\d{3}", line) for line in block.splitlines()[2:]])
+        assert printed[-1] == [[f"{v:.3f}" for v in row] for row in x.reshape(x.shape[0], -1).tolist()], block
+    # by hand: R[1, 2] = p (r[1, 2] + r[1, 3]) = .25 (.5 + 1); A[0, 2] = R[0, 2] - (2 V1 + 2 V2) / 4 with
+    # R[0, 2] = .5, V1[0, 2] = (.5 + 2) / 3 * .5, V2[., 2] = (.5 + .375 + 0 + .375) / 4; trace 3's last
+    # summary at b=16 scores 0 against its pooled siblings (1, 1, 1, 0): -0.75
+    hand = {(3, 1, 2): 0.375, (7, 0, 2): 0.5 - (2 * (2.5 / 3 * 0.5) + 2 * 0.3125) / 4, (9, 3, 7): -0.75}
+    for (table, g, col), value in hand.items():
+        assert printed[table][g][col] == f"{value:.3f}"
+        close(want[table].reshape(4, -1)[g, col], value, 8 * EPS)   # float32, a few operations on values <= 1
+    # trace 3's packed row: the advantage of each token, and the mask, as the library packs them
+    lines = [line.split() for line in r.stdout.split("attention mask")[0].splitlines() if re.match(r"\s*\d+ ", line)]
+    cuts, trunc, _ = ar.summary_prompts(10, "think", WE_BUDGETS)
+    ins = [[90, 91] if t else [91] for t in trunc]
+    summ = [[[92 + int(WE_SCORES[0, 3, s, a]), 95] for a in range(2)] for s in range(4)]
+    row = ar.pack_trace([1, 2], list(range(10, 20)), WE_BUDGETS, cuts, ins, summ)
+    packed = ar.Packed(*(torch.tensor([row[k]]) for k in ("input_ids", "position_ids", "prefix_len", "block_start",
+                                                          "adv_index")), 4, 2)
+    adv = ar.token_advantages(packed, want[7][3:4], want[9][3:4])[0]
+    assert [int(x[2]) for x in lines] == row["position_ids"] and len(lines) == len(row["input_ids"]) == 40
+    assert [x[-1] for x in lines] == [f"{a:.3f}" if k >= 0 else "-" for a, k in zip(adv.tolist(), row["adv_index"])]
+    mask = re.findall(r"^\s*\d+ ([x.]+)$", r.stdout.split("x = i attends to j):")[1], re.M)
+    assert mask == ["".join("x" if m == 0 else "." for m in x) for x in ar.packed_attention_mask(
+        packed.prefix_len, packed.block_start)[0, 0].tolist()]
+    assert mask[12] == "x" * 6 + "." * 6 + "x" + "." * 27        # budget 4's first summary: Q, <think>, t1-t4, itself
+    assert r.stdout.strip().splitlines()[-1].startswith("wrote ") and list(tmp_path.glob("trace3.*"))
+
+
+def test_every_relative_link_of_the_docs_resolves():
+    """Each relative link of README.md and docs/*.md names a file of this repository and, after a #,
+    a heading of it (GitHub's anchors: lower case, punctuation dropped, spaces as hyphens)."""
+    def anchors(path):
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.*)$", path.read_text(), re.M)}
+    pages = [Path(HERE, "README.md"), *sorted(Path(HERE, "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)       # not inside code blocks
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue                                                    # https: and the like
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            assert file.exists(), f"{page.name}: {target}"
+            assert not anchor or anchor in anchors(file), f"{page.name}: {target}"
+            checked += 1
+    assert checked >= 20 and len(pages) >= 9
 
 
 # ----------------------------------------------------------------------------
@@ -942,9 +1128,11 @@ def test_rollout_advantages_pool_collapsed_budgets():
     think, summ = ar.rollout_advantages(ro, scores, prior, "grpo", "brpo")
     # R0 = [.5, 1/3, 1/6], R1 = [1/3, 1/3, 1/3], V2 = [5/12, 1/3, 1/4]
     assert think.shape == (2, 3) and summ.shape == (2, 3, 2)
-    assert torch.allclose(think, torch.tensor([[1 / 12, 0.0, -1 / 12], [-1 / 12, 0.0, 1 / 12]]))
-    assert torch.allclose(summ[0], torch.tensor([[0.5, -0.5], [0.5, 0.5], [-0.5, -0.5]]))
-    assert torch.allclose(summ[1], torch.zeros(3, 2))
+    # float32 against the exact values: pooled means, the prior (1/3, rounded), sums of <= 3
+    # terms and a mean of 2: ~8 roundings on values <= 1, <= 4 EPS; 16 EPS allowed
+    close(think, [[1 / 12, 0.0, -1 / 12], [-1 / 12, 0.0, 1 / 12]], 16 * EPS)
+    close(summ[0], [[0.5, -0.5], [0.5, 0.5], [-0.5, -0.5]], 16 * EPS)
+    close(summ[1], torch.zeros(3, 2), 16 * EPS)
 
 
 def test_summary_advantages_one_summary_uses_the_slot_scores():
@@ -953,9 +1141,10 @@ def test_summary_advantages_one_summary_uses_the_slot_scores():
     index = torch.tensor([[[0, 1, 1], [0, 1, 2]]])                       # trace 0 collapsed at 1, 2
     scores = torch.tensor([[[[1.0], [0.0], [1.0]], [[0.0], [0.0], [0.0]]]])
     adv = ar.summary_advantages(scores, "brpo", index)[0, :, :, 0]
-    assert torch.allclose(adv, torch.tensor([[0.5, 0.0, 0.5], [-0.5, 0.0, -0.5]]))
+    # float32: a mean of 2 scores in {0, 1} and a subtraction: <= 2 roundings on values <= 1; 8 EPS allowed
+    close(adv, [[0.5, 0.0, 0.5], [-0.5, 0.0, -0.5]], 8 * EPS)
     adv = ar.summary_advantages(scores, "grpo", index)[0, :, :, 0]        # last budget only
-    assert torch.allclose(adv, torch.tensor([[0.0, 0.0, 0.5], [0.0, 0.0, -0.5]]))
+    close(adv, [[0.0, 0.0, 0.5], [0.0, 0.0, -0.5]], 8 * EPS)
     one = ar.summary_advantages(scores[:, :1], "brpo", index[:, :1])
     assert torch.equal(one, torch.zeros_like(one))
 
@@ -987,7 +1176,7 @@ def _context_model(tok, seed=0):
     """A tiny random model with large weights (std 0.2), so that its greedy choices vary with the
     whole context, made to write `</think>` at absolute position 12 and EOS at 17: prompts of
     5, 14 and 19 tokens then give a closed trace, an EOS-ended one and one that runs out."""
-    model = ts.tiny_model(tok, hidden=64, layers=2, seed=seed).eval()
+    model = demo.tiny_model(tok, hidden=64, layers=2, seed=seed).eval()
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -1010,7 +1199,7 @@ def test_summaries_are_trained_in_the_context_they_were_sampled_from():
     loss uses): every trained token must be the argmax of its training-time logits. Any change of
     context between sampling and training (a dropped or wrong insert, another cut, shifted
     positions) changes the logits of this model and breaks that."""
-    tok = ts.tiny_tokenizer()
+    tok = demo.tiny_tokenizer()
     model = _context_model(tok)
     prompts = ["ab\n<think>\n", "abcdefghijk\n<think>\n", "what is 2+3? xyz\n<think>\n"]
     assert [len(ar.encode(tok, p)) for p in prompts] == [5, 14, 19]
@@ -1034,7 +1223,7 @@ def test_summaries_are_trained_in_the_context_they_were_sampled_from():
 def _scripted_model(tok, prompt, think, summary):
     """A tiny model forced (by position) to think `think` and then, after the closed insert, to
     write `summary`: the text of a real trace, with no randomness."""
-    model = ts.tiny_model(tok, hidden=32, layers=1).eval()
+    model = demo.tiny_model(tok, hidden=32, layers=1).eval()
     P, think = len(ar.encode(tok, prompt)), ar.encode(tok, think)
     start = P + len(think) + len(ar.encode(tok, ar.CLOSED_INSERT))
     script = {P + k: t for k, t in enumerate(think)}
@@ -1060,7 +1249,7 @@ def test_summaries_run_to_eos_by_default(summary, truth, default, at_box):
     paragraph and sees a `</think>` written after it; the EOS is part of the summary (trained).
     stop_at_box=True is the opt-in shortcut that stops at the first closed box; rollout() and
     evaluate() default to running to EOS."""
-    tok = ts.tiny_tokenizer()
+    tok = demo.tiny_tokenizer()
     prompt = "q\n<think>\n"
     model = _scripted_model(tok, prompt, "12" + ar.THINK_END, summary)
     for stop_at_box, expect in ((None, default), (False, default), (True, at_box)):
@@ -1111,8 +1300,8 @@ def test_rl_step_pushes_the_rewarded_trace_up(preset, monkeypatch):
     """Scripted reward: only trace g = 1 of question 0 scores 1, at every budget. One update
     (plain SGD, small step: first order) must raise that trace's log-prob more than any other's
     and lower the others of its group. Catches advantages sent to the wrong rows (g*B + b)."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=64, layers=2, seed=1)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=64, layers=2, seed=1)
     args = _step_args(preset, traces=3)
     rollouts = Recorder(ar.rollout)
     monkeypatch.setattr(ar, "rollout", rollouts)
@@ -1137,8 +1326,8 @@ def test_two_updates_per_rollout(monkeypatch):
     """The authors' PPO schedule: the old log-probs are computed once, before the first update, at
     the rollout temperature; update 1 is on-policy (ratio 1), update 2 sees the moved policy
     (ratio != 1) and a large step makes the clip fire, which the step log reports."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=64, layers=2, seed=2)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=64, layers=2, seed=2)
     args = _step_args("ar-uniform", updates_per_rollout=2, temperature=0.7)
     rollouts, losses = Recorder(ar.rollout), Recorder(ar.policy_loss)
     monkeypatch.setattr(ar, "rollout", rollouts)
@@ -1156,10 +1345,11 @@ def test_two_updates_per_rollout(monkeypatch):
     for n, (call_args, _, _) in enumerate(losses.calls):
         logprobs, old, mask = call_args[0].detach(), call_args[1], call_args[3]
         T = mask.shape[1]
-        assert torch.allclose(old[mask], old_ref[n, :T][mask[0]], atol=1e-5)   # computed once, at T = 0.7
+        # computed once, at T = 0.7: the same forward as old_ref in another batch (rows, padding)
+        close(old[mask], old_ref[n, :T][mask[0]], logprob_tol(old[mask]), "old")
         ratio = (logprobs - old)[mask].exp()
-        if n < 3:
-            assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)  # update 1: on-policy
+        if n < 3:   # update 1: on-policy; log pi and log pi_old within logprob_tol, so the ratio
+            close(ratio, torch.ones_like(ratio), logprob_tol(old[mask]) + EPS, "ratio")   # (+ exp's rounding)
         else:
             assert (ratio - 1).abs().max() > 0.2                             # update 2: moved, clipped
     assert m["updates"] == 2 and m["clipfrac"] > 0 and m["approx_kl"] > 0
@@ -1168,8 +1358,8 @@ def test_two_updates_per_rollout(monkeypatch):
 def test_rl_step_reports_where_its_time_went(monkeypatch):
     """The step's time split: thinking and summary generation (timed in rollout), scoring, updates.
     The thinking's generate() call is made to sleep 1 s: that second must show up as thinking."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1, seed=3)
     args = _step_args("ar-uniform")
     generate = ar.generate
 
@@ -1191,8 +1381,8 @@ def test_rl_step_reports_where_its_time_went(monkeypatch):
 
 
 def test_one_update_per_rollout_is_on_policy(monkeypatch):
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1, seed=3)
     args = _step_args("grpo", updates_per_rollout=1)
     losses = Recorder(ar.policy_loss)
     monkeypatch.setattr(ar, "policy_loss", losses)
@@ -1207,8 +1397,8 @@ def test_one_update_per_rollout_is_on_policy(monkeypatch):
 def test_training_raises_the_rewarded_behaviour(preset, monkeypatch):
     """End to end: reward = 1 when the first thinking token has an even id. A few rl_steps must
     raise P(first thinking token even | prompt), computed exactly from the model's logits."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=64, layers=2, seed=4)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=64, layers=2, seed=4)
     # 4 thinking tokens (budgets 1..4 for ar-uniform): the first token is a whole segment
     args = _step_args(preset, traces=8, updates_per_rollout=1, max_think=4, micro_batch=16)
     prompts = ["ab\n<think>\n", "cd\n<think>\n"]
@@ -1292,8 +1482,38 @@ def test_completion_reward_reads_gsm8k_raw_answers():
 def test_completion_reward_rejects_bad_input():
     with pytest.raises(ValueError, match="3 completions but 2 answers"):
         ar.completion_reward(completions=["a", "b", "c"], answer=["1", "2"])
+    for completions, answer in (("x</think>\\boxed{18}", "18"), (["x"], "18"), ("x", ["18"])):  # a string, not a list
+        with pytest.raises(TypeError, match="takes lists, one completion per answer"):
+            ar.completion_reward(completions, answer)
     with pytest.raises(TypeError, match="a string or a list of chat messages"):
         ar.completion_reward(completions=[{"role": "assistant", "content": "x</think>\\boxed{1}"}], answer=["1"])
+
+
+def test_completion_reward_warns_once_when_think_end_was_decoded_away(monkeypatch):
+    """TRL decodes completions with skip_special_tokens=True. With a tokenizer whose </think> is a
+    special token (the demo's), every completion then loses it and scores 0: a run that trains on
+    zero rewards. completion_reward says so, once per process, with the fix, and the fix works:
+    the token ids decoded with </think> kept score as they should."""
+    import warnings
+    tok = demo.tiny_tokenizer(think_end_special=True)
+    texts = ["1e2f</think>\n\n**Final Answer**\n\\boxed{2}", "1e</think>\n\n**Final Answer**\n\\boxed{5}"]
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    as_trl = tok.batch_decode(ids, skip_special_tokens=True)             # what GRPOTrainer hands over
+    assert all("</think>" not in t for t in as_trl)
+    import functools       # a fresh "once per process": an earlier test may have used it up
+    monkeypatch.setattr(ar, "_think_end_dropped_warning",
+                        functools.lru_cache(maxsize=1)(ar._think_end_dropped_warning.__wrapped__))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert ar.completion_reward(as_trl, answer=["2", "2"]) == [0.0, 0.0]
+        assert ar.completion_reward(as_trl, answer=["2", "2"]) == [0.0, 0.0]        # said once, not per batch
+        assert ar.completion_reward(["no box, no </think>"], answer=["2"]) == [0.0]   # nothing boxed: not this trap
+        assert ar.completion_reward(texts, answer=["2", "2"]) == [1.0, 0.0]          # it was there: no warning
+    assert len(seen) == 1
+    message = str(seen[0].message)
+    assert "none holds </think>" in message and "skip_special_tokens" in message and "batch_decode" in message
+    fixed = eval(message.split("reward_funcs=")[1], {"ar": ar, "tokenizer": tok})  # the fix, as written
+    assert fixed(completion_ids=ids, answer=["2", "2"], prompts=["p", "p"]) == [1.0, 0.0]
 
 
 # ----------------------------------------------------------------------------
@@ -1771,14 +1991,17 @@ def gsm8k_dir(tmp_path) -> str:
     return str(data)
 
 
-def run_script(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, "train_small.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=HERE, env={**os.environ, **(env or {})})
+TRAIN = [sys.executable, os.path.join(HERE, "train_small.py")]
+ABLATION = [sys.executable, "-m", "experiments.ablation"]   # as the docs give it, from this folder
 
 
-def start_script(*args):
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "train_small.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+def run_script(*args, timeout=300, env=None, cmd=TRAIN):
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, cwd=HERE,
+                          env={**os.environ, **(env or {})})
+
+
+def start_script(*args, cmd=TRAIN):
+    return subprocess.Popen([*cmd, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -1792,8 +2015,8 @@ def wait_for(proc, prefix: str):
 
 def tiny_model_dir(tmp_path) -> str:
     model_dir = tmp_path / "tiny"
-    tok = ts.tiny_tokenizer()
-    ts.tiny_model(tok, hidden=32, layers=1).save_pretrained(model_dir)
+    tok = demo.tiny_tokenizer()
+    demo.tiny_model(tok, hidden=32, layers=1).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     return str(model_dir)
 
@@ -1827,9 +2050,9 @@ def jsonl_rows(path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text().splitlines()]
 
 
-def exits_with_one_line(argv, capsys) -> str:
+def exits_with_one_line(argv, capsys, parse=None) -> str:
     with pytest.raises(SystemExit) as e:
-        args = ts.parse_args(argv)
+        args = parse(argv) if parse else ts.parse_args(argv)
         ts.check_out_dir(args)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
@@ -1862,13 +2085,13 @@ def test_evaluation_has_its_own_stream_and_leaves_training_s_alone(monkeypatch):
     """evaluate_model samples at --eval-temperature (not training's), from a stream of its own
     (the same result whatever the training stream was before), and leaves the training stream
     where it was, as if it had not run. Its grid: every --eval-grid tokens, then --max-think."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1, seed=3)
     args = _step_args("ar-uniform", eval_temperature=0.9, temperature=1.0)
     evaluations = Recorder(ar.evaluate)
     monkeypatch.setattr(ar, "evaluate", evaluations)
     prompts, truths = [ar.format_prompt(tok, q) for q in ("ab", "cd", "ef")], ["1", "2", "3"]
-    results, after = [], []
+    results = []
     for seed in (1, 2):
         torch.manual_seed(seed)
         expected = torch.rand(4)
@@ -1886,8 +2109,8 @@ def test_resume_keeps_its_algorithm_unless_a_preset_is_given(tmp_path):
     """--resume of an ar-linear run (A = 4, linear prior, BRPO, 4 budgets) keeps those settings;
     --resume --preset grpo takes all of grpo's instead (A = 1, base prior, GRPO, the largest
     budget only), not just its name; a flag given beside it wins over both."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1)
     saved = ts.parse_args(["--preset", "ar-linear", "--max-think", "16", "--out-dir", str(tmp_path)])
     ts.save_checkpoint(str(tmp_path / "ckpt"), model, tok, torch.optim.AdamW(model.parameters()), 1, 2, saved)
     settings = lambda a: (a.preset, a.num_summaries, a.prior, a.thinking_method, a.summary_method, a.budgets)
@@ -1903,9 +2126,9 @@ def test_a_resumed_run_compares_with_its_step_0_evaluation(tmp_path):
     rows = [{"step": s, "budgets": [12], "accuracy": [a], "anytime_score": a, "mean_think_len": 9.0}
             for s, a in ((0, 0.25), (2, 0.5))]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = ts.tiny_tokenizer()
+    tok = demo.tiny_tokenizer()
     args = _step_args("ar-uniform", steps=2, out_dir=str(tmp_path))
-    first, last = ts.train(args, ts.tiny_model(tok, hidden=32, layers=1), tok, [], [], str, torch.device("cpu"),
+    first, last = ts.train(args, demo.tiny_model(tok, hidden=32, layers=1), tok, [], [], str, torch.device("cpu"),
                            start_step=2)
     assert first["anytime_score"] == 0.25 and last is None
 
@@ -1913,8 +2136,8 @@ def test_a_resumed_run_compares_with_its_step_0_evaluation(tmp_path):
 def test_evaluate_samples_at_0_6_unless_told(monkeypatch):
     """ar.evaluate's default temperature is the paper's 0.6: every sequence it generates, the
     thinking and the summaries, is sampled at 0.6 unless another temperature is asked for."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1, seed=4)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1, seed=4)
     prompts, truths = [ar.format_prompt(tok, q) for q in ("ab", "cd")], ["1", "2"]
     generate = ar.generate
     for kw, want in (({}, 0.6), ({"temperature": 1.0}, 1.0)):
@@ -1930,8 +2153,8 @@ def test_the_demo_s_other_runs_take_their_own_preset():
     another preset: its prior, methods, A and budgets, not the first run's (values by hand)."""
     first = ts.parse_args(["--demo", "--preset", "ar-linear"])
     settings = lambda a: (a.preset, a.num_summaries, a.prior, a.thinking_method, a.summary_method, a.budgets)
-    assert settings(ts.preset_args(first, "grpo")) == ("grpo", 1, "base", "grpo", "grpo", [24])
-    assert settings(ts.preset_args(first, "grpo+vr")) == ("grpo+vr", 1, "base", "brpo", "grpo", [6, 12, 18, 24])
+    assert settings(demo.preset_args(first, "grpo")) == ("grpo", 1, "base", "grpo", "grpo", [24])
+    assert settings(demo.preset_args(first, "grpo+vr")) == ("grpo+vr", 1, "base", "brpo", "grpo", [6, 12, 18, 24])
 
 
 def test_training_trains_on_train_and_evaluates_on_test(tmp_path, monkeypatch):
@@ -1988,6 +2211,8 @@ def test_gsm8k_download_has_a_timeout_and_one_clear_error(tmp_path, monkeypatch,
 
 
 @pytest.mark.parametrize("argv, message", [
+    (["--budget", "128"], "unrecognized arguments: --budget 128"),     # no prefix of --budgets
+    (["--lr=1e-5", "--step", "3"], "unrecognized arguments: --step 3"),
     (["--budgets", "256,128"], "strictly increasing"),
     (["--budgets", "128,128"], "strictly increasing"),
     (["--budgets", "0,128"], "positive"),
@@ -2066,6 +2291,21 @@ def test_out_dir_is_checked_before_anything_loads(tmp_path, monkeypatch, capsys)
             exits_with_one_line(["--out-dir", str(tmp_path)], capsys)
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only (root may write anywhere)
     assert "is not writable" in exits_with_one_line(["--out-dir", str(tmp_path / "new")], capsys)
+
+
+def test_only_rank_0_probes_the_out_dir(tmp_path, monkeypatch):
+    """Under torchrun only rank 0 writes, so only rank 0 makes (and removes) --out-dir to try a file in
+    it: two processes doing so raced, one removing the folder the other was writing in."""
+    import tempfile
+    made = []
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **k: made.append(k) or (_ for _ in ()).throw(OSError(30, "no")))
+    monkeypatch.setattr(ts, "RANK", 1)
+    ts.check_out_dir(ts.parse_args(["--out-dir", str(tmp_path / "new")]))
+    assert made == [] and not (tmp_path / "new").exists()
+    monkeypatch.setattr(ts, "RANK", 0)
+    with pytest.raises(SystemExit):
+        ts.check_out_dir(ts.parse_args(["--out-dir", str(tmp_path / "new")]))
+    assert len(made) == 1 and not (tmp_path / "new").exists()
 
 
 def test_out_dir_of_eval_only_is_its_own(tmp_path, capsys):
@@ -2158,6 +2398,7 @@ def test_help_explains_every_flag(capsys):
         assert ("; demo: " in line) == (f.name in ts.DEMO), flag
     assert "demo only" in ts.flag_help(next(f for f in dataclasses.fields(ts.Args) if f.name == "warmup_steps"))
     assert "[default:512;demo:24]" in text and "[default:0.01;demo:0.0]" in text and "[default:0.0]" in text
+    assert "--data-dirpath/to/gsm8k" in text and "shared" not in text   # a folder a user has, not ours
 
 
 def test_args_is_the_one_source_of_flags_defaults_and_args_json():
@@ -2213,10 +2454,43 @@ def test_demo_smoke(tmp_path):
         assert [x["step"] for x in rows] == [1] and len(rows[0]["questions"]) == 2
 
 
+def test_the_demo_s_threads_are_chosen_from_the_load_and_said(monkeypatch, capsys):
+    """--threads 0 (the default): 2 threads when two cores are free, 1 on a busy machine, where two
+    threads wait for each other; the count (1 and 2 give the same numbers) is said on screen."""
+    set_to = []
+    monkeypatch.setattr(torch, "set_num_threads", set_to.append)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, threads, n in ((0.2, 0, 2), (1.0, 0, 1), (3.5, 0, 1), (0.0, 1, 1), (3.0, 2, 2)):
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+        said = demo.cpu_threads(threads)
+        assert set_to[-1] == n and said.startswith(f"{n} CPU thread") and "1 and 2 give the same result" in said
+        assert ("busy" in said) == (threads == 0 and n == 1) and ("--threads" in said) == (threads > 0)
+    assert ts.parse_args(["--demo"]).threads == 0
+    assert "--threads must be at least 0" in exits_with_one_line(["--demo", "--threads", "-1"], capsys)
+
+
+def test_the_demo_shows_what_the_readme_claims(tmp_path):
+    """The whole demo, as the README gives it (seed 0, default settings, 2 to 5 minutes), and the
+    claim that held on every CPU and seed measured (docs/demo.md), never one machine's digits:
+    AnytimeReasoner's anytime score beats GRPO's by at least 0.15, its accuracy is higher by at
+    least 0.1 at each budget from 6 to 15 tokens, both end at 0.99 or above at the last budget,
+    and its thinking is shorter (it learned to drop the filler)."""
+    r = run_script("--demo", "--out-dir", str(tmp_path), timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^[12] CPU threads? \(.*; 1 and 2 give the same result\)$", r.stdout, re.M)   # said
+    res = json.loads((tmp_path / "demo_results.json").read_text())
+    ar_, grpo = res["ar-uniform"], res["grpo"]
+    assert ar_["budgets"] == grpo["budgets"] == list(range(3, 25, 3))
+    assert ar_["anytime_score"] - grpo["anytime_score"] >= 0.15
+    assert all(a - g >= 0.1 for b, a, g in zip(ar_["budgets"], ar_["accuracy"], grpo["accuracy"]) if 6 <= b <= 15)
+    assert ar_["accuracy"][-1] >= 0.99 and grpo["accuracy"][-1] >= 0.99
+    assert ar_["mean_think_len"] < grpo["mean_think_len"] - 3 and ar_["mean_think_len"] < res["before"]["mean_think_len"] - 3
+
+
 def test_demo_ctrl_c_reruns_afresh_and_never_offers_a_real_run(tmp_path, capsys):
     """Ctrl-C in the demo says to run the demo again (not a --resume that would start a real
-    run); its checkpoint refuses --resume; a re-run starts its logs afresh; a second Ctrl-C
-    stops at once, in one line, without a traceback."""
+    run) and saves no checkpoint, which could not be resumed; a demo's checkpoint refuses --resume;
+    a re-run starts its logs afresh; a second Ctrl-C stops at once, in one line, without a traceback."""
     import signal
     argv = ["--demo", "--warmup-steps", "3", "--eval-size", "4", "--steps", "1000", "--out-dir", str(tmp_path)]
     proc = start_script(*argv)
@@ -2225,13 +2499,19 @@ def test_demo_ctrl_c_reruns_afresh_and_never_offers_a_real_run(tmp_path, capsys)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "python train_small.py --demo" in out and "--resume" not in out
-    err = exits_with_one_line(["--resume", str(tmp_path / "partial" / "ckpt-ar-uniform")], capsys)
+    assert "Ctrl-C: stopping after this step (the demo does not resume)" in out and "saving" not in out
+    assert not list((tmp_path / "partial").glob("ckpt*"))
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1)
+    ts.save_checkpoint(str(tmp_path / "ckpt"), model, tok, torch.optim.AdamW(model.parameters()), 1, 2,
+                       ts.parse_args(["--demo"]))   # a demo's checkpoint, as the finished demo keeps
+    err = exits_with_one_line(["--resume", str(tmp_path / "ckpt")], capsys)
     assert "demo, which does not resume" in err
 
     proc = start_script(*argv)   # again, into the same folder; Ctrl-C twice
     wait_for(proc, "ar-uniform    1 |")
     proc.send_signal(signal.SIGINT)
-    wait_for(proc, "Ctrl-C: saving")
+    wait_for(proc, "Ctrl-C: stopping")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
@@ -2248,9 +2528,9 @@ def demo_files(folder) -> dict[str, bytes]:
             if p.is_file() and not p.relative_to(folder).parts[0].startswith(("warmup-", "partial"))}
 
 
-def check_one_finished_demo(folder, runs: tuple, steps: int):
+def check_one_finished_demo(folder, runs: tuple, steps: int, figure: str | None = None):
     """demo_results.json, the logs and the checkpoints in folder all belong to one run of `steps`
-    steps of `runs`, and no other run's files are there."""
+    steps of `runs`, and no other run's files are there (nor anything else)."""
     results = json.loads((folder / "demo_results.json").read_text())
     assert set(results) == {"seed", "steps", "before", *runs} and results["steps"] == steps
     for run in runs:
@@ -2262,16 +2542,18 @@ def check_one_finished_demo(folder, runs: tuple, steps: int):
         state = torch.load(folder / f"ckpt-{run}" / "trainer_state.pt", weights_only=False)
         assert state["step"] == steps
     tops = {name.split("/")[0] for name in demo_files(folder)}
-    figure = "anytime_accuracy." + ("png" if importlib.util.find_spec("matplotlib") else "txt")
+    figure = figure or "anytime_accuracy." + ("png" if importlib.util.find_spec("matplotlib") else "txt")
     assert tops == {"demo_results.json", figure} | {f"{kind}-{run}{ext}" for run in runs
                     for kind, ext in (("metrics", ".jsonl"), ("eval", ".jsonl"), ("ckpt", ""))}
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT")
 def test_a_stopped_demo_never_overwrites_a_finished_one(tmp_path):
-    """A demo stopped by Ctrl-C leaves the finished demo in its folder intact, every file; a demo
-    that finishes replaces all of the old one's files (those of another preset too), and both
-    reuse the warm-up."""
+    """A finished demo is replaced only with --overwrite (refused in one line without it, before
+    anything runs), and only once the new demo is done: one stopped by Ctrl-C leaves it intact,
+    every file. What a stopped demo of another preset left in partial/, and a stray file there,
+    are cleared before the next demo starts and never reach its folder. The finished demo's last
+    lines name no partial/ file (checked on the text chart, as without matplotlib); all reuse the warm-up."""
     import signal
     tiny = ["--demo", "--warmup-steps", "3", "--eval-size", "4", "--questions-per-step", "2", "--traces", "2",
             "--out-dir", str(tmp_path)]
@@ -2280,19 +2562,30 @@ def test_a_stopped_demo_never_overwrites_a_finished_one(tmp_path):
     check_one_finished_demo(tmp_path, ("ar-linear", "grpo"), 2)
     finished = demo_files(tmp_path)
 
-    proc = start_script(*tiny, "--steps", "1000")
-    wait_for(proc, "ar-uniform    1 |")
+    again = run_script(*tiny, "--steps", "1")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr, again.stderr
+    assert "holds a finished demo" in again.stderr and demo_files(tmp_path) == finished
+
+    proc = start_script(*tiny, "--steps", "1000", "--preset", "ar-base", "--overwrite")
+    wait_for(proc, "ar-base    1 |")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert demo_files(tmp_path) == finished                    # byte for byte
-    assert (tmp_path / "partial" / "metrics-ar-uniform.jsonl").is_file()
+    assert (tmp_path / "partial" / "metrics-ar-base.jsonl").is_file()
+    (tmp_path / "partial" / "stray.txt").write_text("not the demo's")
 
-    last = run_script(*tiny, "--steps", "1")
+    no_matplotlib = tmp_path.parent / f"{tmp_path.name}-stubs" / "matplotlib"   # outside the demo's folder
+    no_matplotlib.mkdir(parents=True)
+    (no_matplotlib / "__init__.py").write_text("raise ImportError('matplotlib is not installed here')\n")
+    last = run_script(*tiny, "--steps", "1", "--overwrite", env={"PYTHONPATH": str(no_matplotlib.parent)})
     assert last.returncode == 0, last.stderr[-2000:]
     assert "holds a finished demo" in last.stdout and "using the warmed-up model" in last.stdout
-    check_one_finished_demo(tmp_path, ("ar-uniform", "grpo"), 1)
+    check_one_finished_demo(tmp_path, ("ar-uniform", "grpo"), 1, figure="anytime_accuracy.txt")
     assert not (tmp_path / "partial").exists() and not (tmp_path / "previous").exists()
+    assert not list(tmp_path.rglob("stray.txt")) and not list(tmp_path.rglob("*ar-base*"))
+    tail = last.stdout[last.stdout.index("tiny demo model, ar-uniform vs grpo"):]   # the finished demo's last lines
+    assert "(a text chart" in tail and "partial" not in tail and f"wrote {tmp_path}: demo_results.json" in tail
 
 
 def test_warm_up_is_reused_only_when_complete(tmp_path, monkeypatch, capsys):
@@ -2300,7 +2593,7 @@ def test_warm_up_is_reused_only_when_complete(tmp_path, monkeypatch, capsys):
     crashed midway is never reused, a complete one always is."""
     from transformers import PreTrainedModel
     args = ts.parse_args(["--demo", "--warmup-steps", "1"])
-    tok, path = ts.tiny_tokenizer(), tmp_path / "warmup-seed0-1steps"
+    tok, path = demo.tiny_tokenizer(), tmp_path / "warmup-seed0-1steps"
     save = PreTrainedModel.save_pretrained
 
     def crash_midway(self, folder, **kw):
@@ -2308,47 +2601,51 @@ def test_warm_up_is_reused_only_when_complete(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt("killed while saving")
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        ts.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path))
+        demo.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path))
     monkeypatch.undo()
     assert not path.exists()                       # the half-saved one is not where the demo looks
-    assert ts.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
+    assert demo.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
     assert "tiny model" in capsys.readouterr().out and (path / "config.json").is_file()
     assert not Path(str(path) + ".tmp").exists()
-    assert ts.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
+    assert demo.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
     assert "using the warmed-up model" in capsys.readouterr().out
 
 
 def test_ablation_flags(capsys):
-    args = ts.parse_args(["--ablation"])
-    assert args.demo and args.ablation and args.out_dir == "out-ablation" and args.ablation_seeds == 3
-    assert ts.parse_args(["--demo", "--ablation", "--out-dir", "x"]).out_dir == "x"
-    assert set(ts.ABLATION) == set(ar.PRESETS) and len(ts.ABLATION) == len(ar.PRESETS)
-    for flag in (["--prior", "linear"], ["--preset", "grpo"], ["--budgets", "8,16"], ["--eval-every", "5"]):
-        assert "runs every preset as it is" in exits_with_one_line(["--ablation", *flag], capsys)
-    assert "--ablation-seeds must be at least 1" in exits_with_one_line(["--ablation", "--ablation-seeds", "0"], capsys)
+    """The ablation takes the demo's settings and train_small.py's flags, but none that changes a preset."""
+    args, seeds = ablation.parse_args([])
+    assert args.demo and args.out_dir == "out-ablation" and seeds == 3 and args.steps == ts.DEMO["steps"]
+    assert ablation.parse_args(["--out-dir", "x", "--seeds", "5", "--lr", "0.1"])[0:2] == \
+        (ts.parse_args(["--demo", "--out-dir", "x", "--lr", "0.1"]), 5)
+    assert set(ablation.ABLATION) == set(ar.PRESETS) and len(ablation.ABLATION) == len(ar.PRESETS)
+    parse = lambda argv: ablation.parse_args(argv)[0]
+    for flag in (["--prior", "linear"], ["--preset", "grpo"], ["--budgets=8,16"], ["--eval-every", "5"]):
+        assert "runs every preset as it is" in exits_with_one_line(flag, capsys, parse)
+    assert "--seeds must be at least 1" in exits_with_one_line(["--seeds", "0"], capsys, parse)
+    assert "unrecognized arguments: --seed-count" in exits_with_one_line(["--seed-count", "2"], capsys, parse)
 
 
 def test_ablation_folder_holds_one_ablation(tmp_path, capsys):
     """An ablation with other settings is refused in one line, naming what differs; --overwrite
     removes what an ablation wrote there, and only that."""
     out = str(tmp_path)
-    ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "5", "--out-dir", out]))
+    ablation.prepare_ablation_folder(ablation.parse_args(["--steps", "5", "--out-dir", out])[0])
     held = json.loads((tmp_path / "ablation.json").read_text())["settings"]
     assert held["steps"] == 5 and "seed" not in held and "out_dir" not in held
     for name in ("seed0", "seed12", "seedlings"):
         (tmp_path / name).mkdir()
     (tmp_path / "ablation_table.md").write_text("old")
     (tmp_path / "notes.txt").write_text("mine")
-    ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "5", "--seed", "7", "--ablation-seeds", "1",
-                                              "--out-dir", out]))   # same ablation, more or other seeds
+    ablation.prepare_ablation_folder(ablation.parse_args(["--steps", "5", "--seed", "7", "--seeds", "1",
+                                                      "--out-dir", out])[0])   # same ablation, more or other seeds
     with pytest.raises(SystemExit) as e:
-        ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "6", "--lr", "0.1", "--out-dir", out]))
+        ablation.prepare_ablation_folder(ablation.parse_args(["--steps", "6", "--lr", "0.1", "--out-dir", out])[0])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err
     assert "holds an ablation with other settings (--lr 0.0003 there, 0.1 now; --steps 5 there, 6 now)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.json", "ablation_table.md", "notes.txt",
                                                          "seed0", "seed12", "seedlings"]
-    ts.prepare_ablation_folder(ts.parse_args(["--ablation", "--steps", "6", "--out-dir", out, "--overwrite"]))
+    ablation.prepare_ablation_folder(ablation.parse_args(["--steps", "6", "--out-dir", out, "--overwrite"])[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ablation.json", "notes.txt", "seedlings"]
     assert json.loads((tmp_path / "ablation.json").read_text())["settings"]["steps"] == 6
 
@@ -2362,23 +2659,24 @@ def test_ablation_table_is_the_seeds_mean_min_and_max():
     runs = [{"preset": name, "seed": seed, "before": ev([0.1, 0.3], 12.0),
              "after": ev([0.75 - 0.5 * seed, 0.05 * i], 8.0 + seed), "wall_seconds": 10 + 2 * seed,
              "cpu_seconds": 5.0 + seed, "step_seconds": 4.0, "generated_tokens": 20000 + 1000 * seed}
-            for seed in (0, 1) for i, name in enumerate(ts.ABLATION)]
+            for seed in (0, 1) for i, name in enumerate(ablation.ABLATION)]
     warm = [{"budgets": [6, 12], "v1": [1.0, 0.5], "v2": [0.8, None], "brpo": [0.75, 0.25], "reaching": [10, 1]},
             {"budgets": [6, 12], "v1": [1.0, 0.7], "v2": [0.6, 0.9], "brpo": [0.25, 0.75], "reaching": [10, 4]}]
-    s = ts.summarise_ablation(runs, {"warmed-up model": warm, "after ar-uniform": warm[::-1]})
+    s = ablation.summarise_ablation(runs, {"warmed-up model": warm, "after ar-uniform": warm[::-1]})
     row = s["table"]["ar-uniform"]                  # i = 7: after [0.75, 0.35] and [0.25, 0.35]
     assert row["accuracy"] == [0.5, 0.35] and row["anytime_score"] == 0.425
-    assert (row["min"], row["max"]) == pytest.approx((0.3, 0.55)) and row["mean_think_len"] == 8.5
+    # Python floats: sums and halves of <= 4 decimals <= 1.1, each stored EPS64/2 off: 8 EPS64 allowed
+    assert close((row["min"], row["max"]), (0.3, 0.55), 8 * EPS64) and row["mean_think_len"] == 8.5
     assert (row["wall_seconds"], row["cpu_seconds"], row["generated_tokens"]) == (11, 5.5, 20500)
     assert s["table"]["grpo"]["accuracy"] == [0.5, 0.0] and s["table"]["grpo"]["anytime_score"] == 0.25
     assert s["table"]["before"]["anytime_score"] == 0.2 and "wall_seconds" not in s["table"]["before"]
-    assert list(s["table"]) == ["before", *ts.ABLATION]
+    assert list(s["table"]) == ["before", *ablation.ABLATION]
     for label in ("warmed-up model", "after ar-uniform"):
         v = s["variance"][label]
         assert v["v2"] == {"mean": [0.7, 0.9], "min": [0.6, 0.9], "max": [0.8, 0.9]}
         assert v["brpo"] == {"mean": [0.5, 0.5], "min": [0.25, 0.25], "max": [0.75, 0.75]}
         assert v["reaching"] == [10, 2.5]
-    md = ts.ablation_table(s)
+    md = ablation.ablation_table(s)
     assert "| ar-uniform | 0.50 | 0.35 | **0.425** (0.300–0.550) | 8.5 | 11 | 6 | 20k |" in md
     assert "| V2 | 0.700 (0.600–0.800) | 0.900 (0.900–0.900) |" in md and "| traces reaching the segment | 10 | 2 |" in md
 
@@ -2390,9 +2688,9 @@ def test_ablation_smoke(tmp_path):
     train on the same questions; the table is made from the runs' own result files; another
     ablation in the same folder is refused in one line."""
     out = tmp_path / "abl"
-    argv = ["--demo", "--ablation", "--ablation-seeds", "1", "--seed", "3", "--warmup-steps", "3",
+    argv = ["--seeds", "1", "--seed", "3", "--warmup-steps", "3",
             "--eval-size", "4", "--questions-per-step", "2", "--traces", "2", "--steps", "1", "--out-dir", str(out)]
-    proc = start_script(*argv)
+    proc = start_script(*argv, cmd=ABLATION)
     wait_for(proc, "=== seed 3, grpo+decouple")   # grpo and grpo+linear are finished
     proc.kill()
     proc.communicate()
@@ -2400,14 +2698,14 @@ def test_ablation_smoke(tmp_path):
                 for p in sorted((out / "seed3" / name).rglob("*")) if p.is_file()}
     assert len(finished) > 6 and (out / "seed3" / "grpo+linear" / "result.json") in finished
 
-    r = run_script(*argv, timeout=900)
+    r = run_script(*argv, timeout=900, cmd=ABLATION)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "kept 2 runs" in r.stdout and f"using the warmed-up model in {out / 'seed3'}" in r.stdout
     assert {p: p.read_bytes() for p in finished} == finished
     runs = {x["preset"]: x for x in (json.loads(p.read_text()) for p in out.glob("seed*/*/result.json"))}
-    assert sorted(runs) == sorted(ts.ABLATION) and {x["seed"] for x in runs.values()} == {3}
+    assert sorted(runs) == sorted(ablation.ABLATION) and {x["seed"] for x in runs.values()} == {3}
     assert all(x["before"] == runs["grpo"]["before"] for x in runs.values())   # one warm-up, one evaluation
-    rows = {n: jsonl_rows(out / "seed3" / n / "metrics.jsonl") for n in ts.ABLATION}
+    rows = {n: jsonl_rows(out / "seed3" / n / "metrics.jsonl") for n in ablation.ABLATION}
     assert len({json.dumps([m["questions"] for m in r]) for r in rows.values()}) == 1  # the same questions
     assert {n: [len(m["acc"]) for m in r] for n, r in rows.items()} == {n: [p.num_budgets] for n, p in ar.PRESETS.items()}
     variance = {label: [json.loads((out / "seed3" / f"variance-{name}.json").read_text())]
@@ -2415,13 +2713,13 @@ def test_ablation_smoke(tmp_path):
     for [v] in variance.values():
         assert v["budgets"] == [6, 12, 18, 24] and set(v) >= {"v1", "v2", "brpo"} and v["reaching"][0] == 4 * 32
     summary = json.loads((out / "ablation_results.json").read_text())
-    assert summary == json.loads(json.dumps({"seeds": [3], **ts.summarise_ablation(
-        [runs[n] for n in ts.ABLATION], variance)}))
+    assert summary == json.loads(json.dumps({"seeds": [3], **ablation.summarise_ablation(
+        [runs[n] for n in ablation.ABLATION], variance)}))
     ext = "png" if importlib.util.find_spec("matplotlib") else "txt"
     assert (out / f"ablation_curves.{ext}").is_file() and (out / f"ablation_variance.{ext}").is_file()
     assert "| ar-uniform |" in (out / "ablation_table.md").read_text()
 
-    r = run_script(*argv, "--steps", "2")
+    r = run_script(*argv, "--steps", "2", cmd=ABLATION)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert "holds an ablation with other settings (--steps 1 there, 2 now)" in r.stderr and "--overwrite" in r.stderr
 
@@ -2474,7 +2772,10 @@ def test_resume_continues_exactly(tmp_path):
     from safetensors.torch import load_file         # the same weights at step 4, resumed or not
     weights_a, weights_b = (load_file(run / "ckpt" / "model.safetensors") for run in (a, b))
     assert weights_a.keys() == weights_b.keys()
-    assert all(torch.allclose(weights_a[k], weights_b[k], rtol=1e-5, atol=1e-7) for k in weights_a)
+    # the resumed run restarts from weights, AdamW state and RNG saved exactly, with the same threads:
+    # it repeats the straight run's float32 operations on the same bits, so no rounding differs (and
+    # AdamW would magnify any: lr m / (sqrt(v) + eps) takes an error in m times up to 1 / eps = 1e8)
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     start = load_file(os.path.join(common[1], "model.safetensors"))
     assert max((weights_a[k] - start[k]).abs().max().item() for k in start) > 1e-4   # and they moved
     # --lr and --weight-decay given on resume replace the saved ones in AdamW's state
@@ -2490,7 +2791,7 @@ def test_eval_only_draws_the_curve_of_a_model_or_a_checkpoint(tmp_path, capsys):
     `\\boxed{71}` then EOS (5 tokens), and each summary writes the same box. Test questions 1-3
     have answers 4, 71, 6250. At budgets 2, 4, 6 (--max-think 6, --eval-grid 2) a budget scores 0
     once its cut holds the EOS, so by hand: A = [1/3, 0, 0], B = [1/3, 1/3, 0]."""
-    tok = ts.tiny_tokenizer()
+    tok = demo.tiny_tokenizer()
     data = gsm8k_dir(tmp_path)
     a_dir = tmp_path / "model-a"
     chain_model(tok, "\\boxed{4}").save_pretrained(a_dir)
@@ -2504,6 +2805,9 @@ def test_eval_only_draws_the_curve_of_a_model_or_a_checkpoint(tmp_path, capsys):
                    "accuracy": [0.3333, 0.0, 0.0], "anytime_score": 0.1111, "mean_think_len": 4.0}
     assert ["step", "0", "0.333", "0.000", "0.000", "0.111", "4.0"] in [x.split() for x in r.stdout.splitlines()]
     assert "eval: " in r.stderr and "sequences generated" in r.stderr          # progress, off a terminal
+    # the parameter count in millions to 3 significant digits, not "0M" for a model under a million
+    n = sum(p.numel() for p in chain_model(tok, "\\boxed{4}").parameters()) / 1e6
+    assert n < 1 and f": {n:.3g}M parameters on cpu" in r.stdout and "0M parameters" not in r.stdout
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "ea" / "anytime_accuracy.png").is_file()
@@ -2567,8 +2871,8 @@ def test_torn_log_line_is_dropped_and_said(tmp_path, capsys):
 def test_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch, capsys):
     """A crash between the renames of save_checkpoint leaves ckpt.old and ckpt.tmp but no ckpt:
     --resume ckpt takes the newest back and says so."""
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1)
     opt = torch.optim.AdamW(model.parameters())
     args = ts.parse_args(["--out-dir", str(tmp_path)])
     ckpt = str(tmp_path / "ckpt")
@@ -2604,7 +2908,9 @@ def test_quickstart_is_what_ci_runs():
     """The README's Quickstart install and test commands, verbatim, are lines of .ci/run (which
     runs them in a fresh virtual environment), and the install brings pytest. The CPU build of
     torch comes first, in the README (before a newcomer runs the install) and in CI."""
-    quickstart = Path(HERE, "README.md").read_text().split("## Quickstart")[1].split("\n## ")[0]
+    readme = Path(HERE, "README.md").read_text()
+    assert readme[:readme.index("## Quickstart")].count("\n") < 40      # on a newcomer's first screen
+    quickstart = readme.split("## Quickstart")[1].split("\n## ")[0]
     blocks = [block.split("```")[0] for block in quickstart.split("```bash\n")[1:]]
     commands = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines() if line.strip()]
     cpu_torch = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
@@ -2613,8 +2919,9 @@ def test_quickstart_is_what_ci_runs():
     assert "python -m pytest -q test_anytime_reasoner.py" in commands
     ci = Path(HERE, ".ci", "run").read_text().splitlines()
     for command in commands:
-        if command not in (cpu_torch, "python train_small.py --demo"):  # CI: a pinned CPU torch; the demo
-            assert command in ci, command                                # runs in the tests, tiny
+        # CI: a pinned CPU torch; the demo and the worked example run in the tests
+        if command not in (cpu_torch, "python train_small.py --demo", "python -m experiments.worked_example"):
+            assert command in ci, command
     ci_torch = next(i for i, line in enumerate(ci) if line.startswith("pip install") and "torch" in line)
     assert ci_torch < ci.index(install)
     words = install.split()
@@ -2642,7 +2949,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
 
 
 def test_format_prompt_opens_thinking_once():
-    tok = ts.tiny_tokenizer()
+    tok = demo.tiny_tokenizer()
     assert ar.format_prompt(tok, "2+2?").endswith("\n<think>\n")           # no chat template
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                          "<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\\n' }}")  # Qwen2.5 / Qwen3 style
@@ -2684,11 +2991,22 @@ def scripted_scores(ro, truths):
                           for trace in question] for question in ro.summary_text])
 
 
+def load_models_in_float64(setattr=setattr):
+    """Every from_pretrained of a causal LM (train_small's model, a checkpoint to resume) loads in
+    float64: a float32 file exactly, a float64 checkpoint as saved. The torchrun test trains in float64
+    so that its runs, whose sums are taken in other orders, stay within a float tolerance even after
+    AdamW (see assert_same_run)."""
+    from transformers import AutoModelForCausalLM
+    load = AutoModelForCausalLM.from_pretrained
+    setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: load(*a, **{**k, "dtype": torch.float64}))
+
+
 TORCHRUN_DRIVER = """
 import os, sys
 sys.path.insert(0, {here!r})
 import anytime_reasoner as ar, train_small as ts, test_anytime_reasoner as t
 ar.rollout, ar.score_rollout = t.per_question_rollout, t.scripted_scores
+t.load_models_in_float64()
 with open(os.path.join({pids!r}, os.environ["RANK"]), "w") as f:  # this process's id, by rank
     f.write(str(os.getpid()))
 ts.main(sys.argv[1:])
@@ -2696,14 +3014,13 @@ ts.main(sys.argv[1:])
 
 
 def readme_torchrun_commands() -> list[list[str]]:
-    """The torchrun commands of the README's section "When one GPU is not enough", as words."""
-    section = Path(HERE, "README.md").read_text().split("## When one GPU is not enough")[1].split("\n## ")[0]
-    block = section.split("```bash\n")[1].split("```")[0]
+    """The torchrun commands of docs/multi-gpu.md (its first code block), as words."""
+    block = Path(HERE, "docs", "multi-gpu.md").read_text().split("```bash\n")[1].split("```")[0]
     return [line.split("  #")[0].split() for line in block.splitlines() if line.startswith("torchrun")]
 
 
 def start_torchrun(tmp_path, *flags):
-    """The README's CPU command, `torchrun ... train_small.py --device cpu`, with FLAGS added, and
+    """docs/multi-gpu.md's CPU command, `torchrun ... train_small.py --device cpu`, with FLAGS added, and
     with a driver in place of train_small.py that patches in the rollouts and scores above."""
     driver, pids = tmp_path / "driver.py", tmp_path / "pids"
     pids.mkdir(exist_ok=True)
@@ -2740,31 +3057,52 @@ def tiny_gsm8k(tmp_path) -> str:
 
 def assert_same_run(one, many, steps):
     """The logs and the checkpoint of a one-process run and a torchrun run agree: every metric
-    (all but timings) and every evaluation; the weights and AdamW state to float tolerance."""
+    (all but timings) and every evaluation; the weights and AdamW state to float tolerance. Both
+    runs train in float64 (load_models_in_float64): in float32 no such tolerance exists, as AdamW's
+    step lr m / (sqrt(v) + eps) magnifies a rounding difference in m by up to 1 / eps = 1e8."""
     from safetensors.torch import load_file
     rows_one, rows_many = jsonl_rows(one / "metrics.jsonl"), jsonl_rows(many / "metrics.jsonl")
     assert [r["step"] for r in rows_many] == [r["step"] for r in rows_one] == list(range(1, steps + 1))
-    # summed in another order over the ranks: one unit of the last logged digit
+    # summed in another order over the ranks (float64 sums of float32 statistics and a float64
+    # norm: ~EPS64 of their size apart), then rounded: the same decimal, or across a rounding
+    # boundary its neighbour: one unit of the last logged digit (x 1.01: the decimals' binary error)
     last_digit = {"clipfrac": 1e-4, "grad_norm": 1e-4, "approx_kl": 1e-6}
     for a, b in zip(rows_one, rows_many):
         assert a.keys() == b.keys()
         for k in a:
             if k in last_digit:
-                assert abs(a[k] - b[k]) <= 1.01 * last_digit[k], (a["step"], k, a[k], b[k])
+                close(b[k], a[k], 1.01 * last_digit[k], f"step {a['step']} {k}")
             elif not (k.startswith("s_") or k == "gen_tok_s"):
                 assert a[k] == b[k], (a["step"], k, a[k], b[k])
     assert jsonl_rows(one / "eval.jsonl") == jsonl_rows(many / "eval.jsonl")
-    w1, w2 = load_file(one / "ckpt" / "model.safetensors"), load_file(many / "ckpt" / "model.safetensors")
-    assert w1.keys() == w2.keys()
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-6
     s1, s2 = (torch.load(d / "ckpt" / "trainer_state.pt", weights_only=False) for d in (one, many))
     assert (s1["step"], s1["data_pos"]) == (s2["step"], s2["data_pos"]) == (steps, 4 * steps)
     o1, o2 = s1["optimizer"], s2["optimizer"]
     assert o1["param_groups"] == o2["param_groups"] and o1["state"].keys() == o2["state"].keys()
+    # AdamW's moments, per tensor: each update's gradient is a sum over <= 8 traces (micro-batches,
+    # then the ranks' all_reduce) in another order, of float64 backward passes run on 1 or 2
+    # threads (~50 stages each ~EPS64/2 of its size, as in the anytime-loss test: <= 25 EPS64 of
+    # the tensor's largest entry), then clipped (a norm: a few EPS64); m averages the updates'
+    # gradients, v their squares (twice the relative error): <= ~70 EPS64 x the tensor's max |m| or
+    # |v|; 256 EPS64 allowed. (The log-probs are cast to float32 from float64 logits that agree to
+    # ~EPS64: the same float32 values but for a ~1e-9 chance per logit of a rounding boundary.)
+    moments_tol = lambda x: 256 * EPS64 * x.abs().max()
     for i in o1["state"]:
         assert float(o1["state"][i]["step"]) == float(o2["state"][i]["step"])
         for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.allclose(o1["state"][i][k], o2["state"][i][k], rtol=1e-4, atol=1e-9), (i, k)
+            close(o2["state"][i][k], o1["state"][i][k], moments_tol(o1["state"][i][k]), f"{k} {i}")
+    # the weights: each AdamW update moves them by lr m^ / (sqrt(v^) + eps) (and lr x decay x w, the
+    # same on both sides but for EPS64 |w|); an error in m^ (m's allowance above, / (1 - beta1) for
+    # its first bias correction) moves that by up to lr / eps times itself, an error in v^ about as
+    # much again: <= n x lr x 2 x m's allowance / (1 - beta1) / eps after n updates, for the largest m
+    w1, w2 = load_file(one / "ckpt" / "model.safetensors"), load_file(many / "ckpt" / "model.safetensors")
+    assert w1.keys() == w2.keys() and all(w.dtype == torch.float64 for w in w1.values())   # the float64 runs
+    adam, n = o1["param_groups"][0], max(float(x["step"]) for x in o1["state"].values())
+    m_tol = max(moments_tol(x["exp_avg"]) for x in o1["state"].values())
+    weights_tol = n * adam["lr"] * 2 * m_tol / (1 - adam["betas"][0]) / adam["eps"] + EPS64 * max(
+        w.abs().max() for w in w1.values())
+    for k in w1:
+        close(w2[k], w1[k], weights_tol, k)
 
 
 @pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(),
@@ -2786,7 +3124,7 @@ def test_torchrun_two_processes_make_the_one_process_run(tmp_path, monkeypatch, 
     common = ["--model", tiny_model_dir(tmp_path), "--data-dir", tiny_gsm8k(tmp_path), "--max-think", "16",
               "--questions-per-step", "4", "--traces", "2", "--summary-max-tokens", "4", "--updates-per-rollout", "3",
               "--micro-batch", "1", "--lr", "1e-2", "--eval-size", "5", "--eval-every", "1", "--eval-grid", "8",
-              "--save-every", "1000", "--device", "cpu"]  # --device cpu: as the README's command
+              "--save-every", "1000", "--device", "cpu"]  # --device cpu: as the docs' command
     two, one, fsdp = tmp_path / "two", tmp_path / "one", tmp_path / "fsdp"
     proc = start_torchrun(tmp_path, *common, "--steps", "1000", "--out-dir", str(two))
     wait_for(proc, "step    1 |")
@@ -2801,6 +3139,7 @@ def test_torchrun_two_processes_make_the_one_process_run(tmp_path, monkeypatch, 
     patch = dict(rollout=per_question_rollout, score_rollout=scripted_scores)
     for name, fn in patch.items():
         monkeypatch.setattr(ar, name, fn)
+    load_models_in_float64(monkeypatch.setattr)   # as the driver does
     ts.main(common + ["--steps", str(k), "--out-dir", str(one)])
     assert_same_run(one, two, k)
 
@@ -2814,12 +3153,12 @@ def test_torchrun_two_processes_make_the_one_process_run(tmp_path, monkeypatch, 
 
 
 def test_the_readme_torchrun_commands_are_valid(tmp_path, monkeypatch):
-    """Every torchrun command of the README parses with torchrun's own parser, and its flags pass
+    """Every torchrun command of docs/multi-gpu.md parses with torchrun's own parser, and its flags pass
     train_small.py's checks for that many processes (the CPU one is run by the test above)."""
     from torch.distributed.run import parse_args as torchrun_args
     monkeypatch.chdir(tmp_path)     # for `--resume out/ckpt`: a checkpoint there
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1)
     ts.save_checkpoint("out/ckpt", model, tok, torch.optim.AdamW(model.parameters()), 1, 16, ts.parse_args([]))
     commands = readme_torchrun_commands()
     assert len(commands) == 5 and any("cpu" in c for c in commands) and any("--fsdp" in c for c in commands)
@@ -2850,17 +3189,17 @@ def test_train_weights_the_budgets_by_the_preset_s_prior(tmp_path, monkeypatch, 
     folder with an earlier run's logs starts both logs afresh."""
     priors = []
     _train_without_a_model(monkeypatch, lambda args, prior: priors.append(prior))
-    tok = ts.tiny_tokenizer()
+    tok = demo.tiny_tokenizer()
     args = _step_args(preset, steps=1, out_dir=str(tmp_path))
     assert args.budgets == [3, 6, 9, 12]
-    train_set, eval_set = ts.demo_data(args)
+    train_set, eval_set = demo.demo_data(args)
     for name in ("metrics.jsonl", "eval.jsonl"):     # an earlier run's logs: a fresh run starts them afresh
         (tmp_path / name).write_text('{"step": 7}\n')
-    ts.train(args, ts.tiny_model(tok, hidden=32, layers=1), tok, train_set, eval_set, str, torch.device("cpu"))
-    assert len(priors) == 1 and torch.allclose(priors[0], torch.tensor(prior, dtype=torch.float32))
+    ts.train(args, demo.tiny_model(tok, hidden=32, layers=1), tok, train_set, eval_set, str, torch.device("cpu"))
+    assert len(priors) == 1 and close(priors[0], prior, 4 * EPS)   # float32: an exact sum, one division
     assert [r["step"] for r in jsonl_rows(tmp_path / "metrics.jsonl")] == [1]
     assert [r["step"] for r in jsonl_rows(tmp_path / "eval.jsonl")] == [0, 1]
-    other_train, other_eval = ts.demo_data(dataclasses.replace(args, seed=args.seed + 1))
+    other_train, other_eval = demo.demo_data(dataclasses.replace(args, seed=args.seed + 1))
     assert other_eval == eval_set and other_train[:50] != train_set[:50]
 
 
@@ -2873,8 +3212,8 @@ def test_each_rank_samples_from_its_own_stream_of_seed_and_step(tmp_path, monkey
         (ts.RANK, len([d for d in draws if d[0] == ts.RANK]), torch.rand(4))))
     monkeypatch.setattr(ts, "any_rank", lambda flag: flag)   # no process group: one process plays each rank
     monkeypatch.setattr(ts, "WORLD", 2)
-    tok = ts.tiny_tokenizer()
-    model = ts.tiny_model(tok, hidden=32, layers=1)
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1)
     data = [{"question": f"q{i}", "answer": "1"} for i in range(8)]
     args = _step_args("ar-uniform", steps=3, out_dir=str(tmp_path))
     for rank, start, before in ((0, 0, 1), (1, 0, 1), (0, 1, 2)):   # the last: rank 0 resumed at step 1

@@ -22,9 +22,9 @@ Equal work: the model's output layer never proposes EOS, `</think>` or
 `\\boxed{`, so every trace thinks to the last budget and every summary (and TRL
 completion) runs to its maximum length on every side.
 
-    python bench.py                  # CPU, tiny random Qwen2 (hidden 256, 4 layers): a few minutes
-    python bench.py --threads 1      # steadier on a busy machine
-    python bench.py --gpu            # CUDA: Qwen2.5-0.5B-Instruct's architecture, random weights
+    python -m experiments.bench      # CPU, tiny random Qwen2 (hidden 256, 4 layers): a few minutes
+    python -m experiments.bench --threads 1  # steadier on a busy machine
+    python -m experiments.bench --gpu        # CUDA: Qwen2.5-0.5B-Instruct's architecture, random weights
 """
 from __future__ import annotations
 
@@ -36,8 +36,10 @@ import torch
 import transformers
 from transformers import DynamicCache, GenerationConfig
 
-import anytime_reasoner as ar
-import train_small as ts
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
+import anytime_reasoner as ar  # noqa: E402
+import train_small as ts  # noqa: E402
+from experiments import demo  # noqa: E402
 
 # Problem sizes. The CPU one keeps the GPU one's proportions (summary ~ thinking / 8), smaller.
 # loss_B: questions in the packed-loss comparison (the unpacked side is slow on a CPU).
@@ -65,7 +67,7 @@ def build_model(gpu: bool, tok, device, dtype=torch.float32):
             model = Qwen2ForCausalLM(Qwen2Config(**QWEN05B, pad_token_id=tok.pad_token_id,
                                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
     else:
-        model = ts.tiny_model(tok, hidden=256, layers=4)
+        model = demo.tiny_model(tok, hidden=256, layers=4)
     model = model.to(device, dtype).eval()
     banned = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     banned[len(tok):] = True  # GPU: the tiny tokenizer's ids live at the start of Qwen's vocabulary
@@ -82,9 +84,9 @@ def make_prompts(n: int, length: int, path: str) -> tuple[list[str], list[str]]:
         qa = [(r["question"], r["answer"]) for r in ts.parse_gsm8k(path)]
     else:
         rng = random.Random(0)
-        qa = [(p["question"] * length, p["answer"]) for p in (ts.demo_problem(rng) for _ in range(n))]
+        qa = [(p["question"] * length, p["answer"]) for p in (demo.demo_problem(rng) for _ in range(n))]
     qa = [qa[i % len(qa)] for i in range(n)]
-    return [ts.demo_prompt(q[:length - 3]) for q, _ in qa], [a for _, a in qa]
+    return [demo.demo_prompt(q[:length - 3]) for q, _ in qa], [a for _, a in qa]
 
 
 def sync(device):
@@ -243,7 +245,7 @@ def memory_child(path: str, kind: str):
     """In a fresh process (CPU): how far one forward + backward raises the peak resident memory."""
     saved = torch.load(path, weights_only=False)
     torch.set_num_threads(saved["threads"])
-    tok = ts.tiny_tokenizer()
+    tok = demo.tiny_tokenizer()
     model = build_model(False, tok, torch.device("cpu"))
     model.load_state_dict(saved["state"])
     model.train()
@@ -501,8 +503,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bandwidth-gbs", type=float, default=3350.0,
                    help="GPU memory bandwidth for the bound, GB/s (default 3350: H100 SXM)")
-    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
-                                                  "gsm8k", "test.jsonl"), help="GSM8K test.jsonl")
+    p.add_argument("--data", default=os.path.join(ts.CACHE_DIR, "test.jsonl"),
+                   help="GSM8K test.jsonl (default: where train_small.py downloads it)")
     p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run (default: all)")
     p.add_argument("--out", default="bench_results.json", help="JSON results (default bench_results.json)")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -517,7 +519,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     device, c = torch.device("cuda" if a.gpu else "cpu"), SimpleNamespace(**(GPU if a.gpu else CPU))
-    tok = ts.tiny_tokenizer()
+    tok = demo.tiny_tokenizer()
     prompts, truths = make_prompts(max(64, c.B), c.prompt_len, a.data)
     res, rows, notes, targets, t0 = {}, [], [], [], time.time()
 

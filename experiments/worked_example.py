@@ -1,0 +1,147 @@
+"""BRPO with numbers: every quantity of one hand-made rollout, computed by anytime_reasoner.py.
+
+    python -m experiments.worked_example                  # the tables, in 2 seconds, on any CPU
+    python -m experiments.worked_example --figure a.png   # and one trace as a strip of tokens (.txt without matplotlib)
+
+One question, G = 4 traces, S = 4 budgets (4, 8, 12, 16 tokens), A = 2 summaries, uniform prior.
+Trace 0 is right early, trace 1 becomes right late, trace 2 is never right, trace 3 closes its
+thinking (`</think>`) after 10 tokens, so its budgets 12 and 16 share one summary prompt. The
+numbers worked by hand, and the figure: docs/worked-example.md.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
+import anytime_reasoner as ar  # noqa: E402
+
+BUDGETS, G, A = [4, 8, 12, 16], 4, 2
+THINK_LEN, WHY = [16, 16, 16, 10], ["max", "max", "max", "think"]   # trace 3 closes with </think>
+SCORES = torch.tensor([[[[1, 0], [1, 1], [1, 1], [1, 1]],     # right early
+                        [[0, 0], [0, 0], [0, 1], [1, 1]],     # right late
+                        [[0, 0], [0, 0], [0, 0], [0, 0]],     # never right
+                        [[0, 0], [1, 0], [1, 1], [1, 0]]]]).float()  # closed at 10: budgets 12, 16 pooled
+
+
+def worked_example() -> dict:
+    """Every table of the printout, each from the library's own function: name -> tensor."""
+    index = torch.tensor([[ar.summary_prompts(n, why, BUDGETS)[2] for n, why in zip(THINK_LEN, WHY)]])  # 1,G,S
+    prior = ar.budget_prior("uniform", BUDGETS)
+    r = ar.pooled_scores(SCORES, index)
+    R = ar.returns_to_go(r, prior)
+    return {"scores": SCORES[0], "prompt_index": index[0], "r": r[0], "prior": prior, "R": R[0],
+            "V1": ar.v1_baseline(r, prior)[0], "V2": ar.v2_baseline(R)[0], "baseline": ar.brpo_baseline(r, prior)[0],
+            "brpo": ar.thinking_advantages(r, prior, "brpo")[0],
+            "grpo": ar.thinking_advantages(r, ar.budget_prior("base", BUDGETS), "grpo")[0],
+            "summary_adv": ar.summary_advantages(SCORES, "brpo", index)[0]}
+
+
+def packed_row(t: dict, g: int = 3) -> tuple[list[str], dict, torch.Tensor, torch.Tensor]:
+    """Trace g as one packed training row, in made-up tokens: (tokens, the row's fields, its attention
+    mask [T, T] as booleans, each token's advantage [T])."""
+    cuts, trunc, _ = ar.summary_prompts(THINK_LEN[g], WHY[g], BUDGETS)
+    think = [f"t{i}" for i in range(1, THINK_LEN[g])] + ["</think>" if WHY[g] == "think" else f"t{THINK_LEN[g]}"]
+    answers = ["\\boxed{5}", "\\boxed{7}"]  # made up: what a summary says does not change its advantage
+    names = ["Q:", "<think>"] + think + ["...</think>", "Final:"] + answers + ["EOS"]
+    ids = {name: i for i, name in enumerate(names)}
+    inserts = [[ids["...</think>"], ids["Final:"]] if tr else [ids["Final:"]] for tr in trunc]
+    summaries = [[[ids[answers[int(t["scores"][g, s, a])]], ids["EOS"]] for a in range(A)] for s in range(len(BUDGETS))]
+    row = ar.pack_trace([ids["Q:"], ids["<think>"]], [ids[x] for x in think], BUDGETS, cuts, inserts, summaries)
+    packed = ar.Packed(*(torch.tensor([row[k]]) for k in ("input_ids", "position_ids", "prefix_len", "block_start",
+                                                          "adv_index")), len(BUDGETS), A)
+    mask = ar.packed_attention_mask(packed.prefix_len, packed.block_start)[0, 0] == 0
+    adv = ar.token_advantages(packed, t["brpo"][g:g + 1], t["summary_adv"][g:g + 1])[0]
+    return [names[i] for i in row["input_ids"]], row, mask, adv
+
+
+def table(title: str, x: torch.Tensor, rows: str = "trace", cols=BUDGETS) -> str:
+    """A tensor [rows, S] or [rows, S, A] as text: one line per row, one column per budget."""
+    lines = [title, f"{'':>9}" + "".join(f"{f'b={b}':>16}" for b in cols)]
+    for i, row in enumerate(x):
+        cells = ["  ".join(f"{v:6.3f}" for v in c.reshape(-1).tolist()) for c in row]
+        lines.append((f"{rows} {i:<3}" if len(x) > 1 else rows).rjust(9) + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
+def render(t: dict) -> str:
+    tokens, row, mask, adv = packed_row(t)
+    out = [table("summary scores [g, s, a] (A = 2 per budget; trace 3's budgets 12, 16 share a prompt)", t["scores"]),
+           table("r[g, s] = mean score of the summaries of the prompt budget s uses (pooled)", t["r"]),
+           table("p[s] = 1 / S (uniform prior)", t["prior"][None], rows="p"),
+           table("R[g, s] = sum_{k>=s} p[k] r[g, k]   (return of thinking segment (b_{s-1}, b_s])", t["R"]),
+           table("V1[g, s] = prev[g, s] * sum_{k>=s} p[k],  prev = sum_{k<s} 2^k r[g, k] / sum_{k<s} 2^k", t["V1"]),
+           table("V2[g, s] = mean over the G traces of R[., s]", t["V2"]),
+           table("baseline[g, s] = (s * V1 + (S - s) * V2) / S   (BRPO)", t["baseline"]),
+           table("BRPO thinking advantage A[g, s] = R[g, s] - baseline[g, s]", t["brpo"]),
+           table("GRPO on the same scores: base prior (all on b=16), baseline V2: one value per trace", t["grpo"]),
+           table("decoupled summary advantage [g, s, a] = score - mean of its prompt's summaries", t["summary_adv"]),
+           "trace 3 as one packed row (its 10 thinking tokens, then S x A summary blocks):",
+           f"{'i':>3} {'token':<12}{'pos':>4}  {'trained as':<20}{'advantage':>9}"]
+    S = len(BUDGETS)
+    for i, (tok, a) in enumerate(zip(tokens, adv.tolist())):
+        k = row["adv_index"][i]
+        what = "-" if k < 0 else f"thinking, segment {k}" if k < S else f"summary s={(k - S) // A} a={(k - S) % A}"
+        out.append(f"{i:>3} {tok:<12}{row['position_ids'][i]:>4}  {what:<20}" + (f"{a:9.3f}" if k >= 0 else ""))
+    out.append("attention mask (row: query token i, column: key token j; x = i attends to j):")
+    out += [f"{i:>3} " + "".join("x" if m else "." for m in line) for i, line in enumerate(mask.tolist())]
+    return "\n\n".join(out[:10]) + "\n\n" + "\n".join(out[10:])
+
+
+def figure(t: dict, path: str) -> str:
+    """Trace 3 as a strip of thinking tokens cut at the budgets, a branch of A summaries at each cut,
+    every token coloured by its advantage. A PNG with matplotlib, else a text chart (.txt)."""
+    tokens, row, _, adv = packed_row(t)
+    P, L, S = 2, THINK_LEN[3], len(BUDGETS)
+    cuts = ar.summary_prompts(L, WHY[3], BUDGETS)[0]
+    branches = [[i for i, k in enumerate(row["adv_index"]) if k == S + s * A + a] for s in range(S) for a in range(A)]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        lines = ["trace 3: thinking tokens and their advantage, then each budget's summaries (text chart)"]
+        lines += [f"  {tokens[P + j]:<9}{adv[P + j]:+.3f}" + ("   | cut, budget " + str(BUDGETS[cuts.index(j + 1)])
+                                                           if j + 1 in cuts else "") for j in range(L)]
+        lines += [f"  b={BUDGETS[s]:<3} cut {cuts[s]:>2}, summary {a}: {adv[branches[s * A + a][0]]:+.3f}"
+                  for s in range(S) for a in range(A)]
+        path = os.path.splitext(path)[0] + ".txt"
+        open(path, "w").write("\n".join(lines) + "\n")
+        return path
+    fig, ax = plt.subplots(figsize=(10, 4))
+    norm, cmap = matplotlib.colors.TwoSlopeNorm(0, -1, 1), plt.get_cmap("RdBu")
+
+    def cell(x, y, i):  # token i of the row as a box coloured by its advantage
+        ax.add_patch(plt.Rectangle((x, y), 0.95, 0.8, color=cmap(norm(adv[i]))))
+        ax.text(x + 0.47, y + 0.4, tokens[i].replace("</think>", "</th>").replace("\\boxed", ""), ha="center",
+                va="center", fontsize=6.5)
+    for j in range(L):  # the thinking, one box per token
+        cell(j, 0, P + j)
+    for s in range(S):
+        ax.axvline(BUDGETS[s], color="k", ls=":", lw=0.8)
+        ax.text(BUDGETS[s], 1.25, f"b={BUDGETS[s]}", ha="center", fontsize=8)
+        if (BUDGETS[s - 1] if s else 0) < L:  # a segment with tokens: their advantage
+            ax.text((BUDGETS[s - 1] if s else 0) + 0.1, 0.95, f"A={t['brpo'][3, s]:+.3f}", fontsize=7)
+        for a in range(A):  # summary a at budget s: its tokens, branching off at the cut
+            x, y = cuts[s] + 0.3 + 3.0 * a, -1.1 - 1.0 * s
+            ax.plot([cuts[s], x], [0, y + 0.8], color="grey", lw=0.6)
+            for k, i in enumerate(branches[s * A + a]):
+                cell(x + k, y, i)
+            ax.text(x + 2.0, y + 0.3, f"{adv[branches[s * A + a][0]]:+.2f}", fontsize=6.5)
+        ax.text(-0.4, -0.8 - 1.0 * s, f"summaries at b={BUDGETS[s]}", fontsize=7)
+    ax.set_xlim(-0.5, max(cuts) + 6.5), ax.set_ylim(-1.2 - S, 1.6), ax.axis("off")
+    ax.set_title(f"trace 3 (closes after {L} tokens): thinking (top), the A = {A} summaries at each budget (below), "
+                 "coloured by advantage", fontsize=9)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), ax=ax, fraction=0.02, label="advantage")
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    return path
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--figure", metavar="PATH", help="also draw trace 3 into PATH (PNG, or .txt without matplotlib)")
+    args, t = p.parse_args(), worked_example()
+    print(render(t))
+    if args.figure:
+        print(f"wrote {figure(t, args.figure)}")

@@ -26,10 +26,11 @@ Reading order: top to bottom is the algorithm, in the order data flows:
     -> 9 the paper's runs (PRESETS).
 Then the engineering, to skip on a first read: appendix A, the answer checker
 (long only because it must be safe on model text: no eval, bounded time; its
-interface is extract_answer and answers_match); B, the tensor shape checks; C,
-the sampling engine (generate(): Hugging Face `generate` with the stopping rules
-and the reuse of the thinking's KV cache for the summaries). Everything but
-generation needs only torch and sympy; transformers is imported where it is used.
+interface is extract_answer and answers_match); B, the sampling engine
+(generate(): Hugging Face `generate` with the stopping rules and the reuse of the
+thinking's KV cache for the summaries). The input checks sit above section 1. To
+copy one piece, take everything above section 1 and the piece's section: it
+needs torch alone (the checker sympy; transformers only generation).
 
 Shapes used throughout (letters defined once, here):
     B questions, G thinking traces per question, S budgets, A summaries per
@@ -57,7 +58,7 @@ The paper shows this mix has a lower variance than either baseline alone
 Words used here:
     KV cache      the keys and values of every attention layer for the tokens
                   already read. Generation appends one token at a time and reuses
-                  them; the summaries start from the thinking's cache (appendix C).
+                  them; the summaries start from the thinking's cache (appendix B).
     packed tree   one training row per trace: prompt, thinking, then every
                   summary block; an attention mask lets each summary see only the
                   thinking up to its cut (the diagram in section 6).
@@ -88,6 +89,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import math
 import operator
 import re
 import time
@@ -97,9 +99,73 @@ from fractions import Fraction
 from types import SimpleNamespace
 from typing import Tuple, Union
 
-import sympy
 import torch
 from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------
+# Input checks, used by sections 2-8 (engineering: skip on a first read)
+# ----------------------------------------------------------------------------
+
+_LETTERS = {"B": "questions", "G": "traces per question", "S": "budgets", "A": "summaries per (trace, budget)",
+            "N": "traces", "T": "tokens"}
+
+
+def _check(*args, known: dict | None = None) -> dict:
+    """Check the tensors of one call: args are (name, x, "B,G,S") triples (x None: not given),
+    known {letter: (size, whose)} sizes set by other arguments. Each x must be a tensor with one
+    dimension per letter, and each letter must have one size in all of them; a ValueError names
+    the argument that differs from the rest and its expected shape. Returns {letter: size}."""
+    votes, wants = {d: [(n, whose)] for d, (n, whose) in (known or {}).items()}, {}
+    for name, x, dims in args:
+        if x is None:
+            continue
+        letters = dims.split(",")
+        wants[name] = f"[{', '.join(letters)}] ({', '.join(_LETTERS[d] for d in letters)})"
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor of shape {wants[name]}, got {type(x).__name__}")
+        if x.dim() != len(letters):
+            hint = "; for a single question use x[None]" if letters[0] == "B" and x.dim() == len(letters) - 1 else ""
+            raise ValueError(f"{name} must have shape {wants[name]}, got {x.dim()}-D shape {tuple(x.shape)}{hint}")
+        for d, n in zip(letters, x.shape):
+            votes.setdefault(d, []).append((n, name))
+    for d, vs in votes.items():
+        most = max((n for n, _ in vs), key=[n for n, _ in vs].count)   # the size most arguments have
+        odd = [(n, name) for n, name in vs if n != most]
+        if odd:
+            n, name = odd[0]
+            rest = [whose for m, whose in vs if m == most]
+            want = f"; expected shape {wants[name]}" if name in wants else ""
+            raise ValueError(f"{name} {'has' if name in wants else 'have'} {d} = {n} ({_LETTERS[d]}) where "
+                             f"{' and '.join(rest)} {'has' if len(rest) == 1 and rest[0] in wants else 'have'} "
+                             f"{d} = {most}{want}")
+    return {d: vs[0][0] for d, vs in votes.items()}
+
+
+def _check_prior(prior: torch.Tensor) -> None:
+    """A prior is a distribution over the budgets: p_s >= 0, sum 1. budget_prior's p = w / sum(w)
+    rounds each p_s once (<= eps/2 of p_s), so its S values sum to 1 within S eps/2; S eps is
+    allowed, eps of float32 or of the prior's dtype if coarser (a float32 prior cast to float64
+    keeps its float32 rounding)."""
+    eps = max(torch.finfo(prior.dtype).eps if prior.is_floating_point() else 0.0, torch.finfo(torch.float32).eps)
+    total = prior.double().sum().item()
+    if (prior < 0).any() or abs(total - 1) > prior.numel() * eps:
+        raise ValueError(f"prior must be >= 0 and sum to 1 (a distribution over the budgets), got "
+                         f"{[round(x, 4) for x in prior.tolist()]} (sum {total:.6g}); see budget_prior")
+
+
+def _check_index(prompt_index: torch.Tensor, S: int) -> None:
+    """prompt_index[b, g, s] is the budget (0..S-1) whose summary prompt budget s uses."""
+    if prompt_index.is_floating_point() or prompt_index.is_complex() or prompt_index.dtype == torch.bool:
+        raise ValueError(f"prompt_index must hold integers (budget indices 0..S-1), got dtype {prompt_index.dtype}")
+    if prompt_index.numel() and (prompt_index.min() < 0 or prompt_index.max() >= S):
+        raise ValueError(f"prompt_index must be budget indices 0..{S - 1} (S = {S}), got values "
+                         f"{prompt_index.min().item()}..{prompt_index.max().item()}")
+
+
+def _floats(x: torch.Tensor) -> torch.Tensor:
+    """Scores may come as 0/1 integers or bools; the formulas take them as floats."""
+    return x if x.is_floating_point() else x.float()
 
 
 # ----------------------------------------------------------------------------
@@ -267,7 +333,7 @@ def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces
        </think>\n\n**Final Answer**\n" if the trace was still running at b_s, or prompt + the
        whole thinking + "\n\n**Final Answer**\n" if it closed with `</think>` within b_s.
     3. A summaries per (trace, budget), at the same temperature; they stop at EOS.
-    The sampling itself is generate() (appendix C).
+    The sampling itself is generate() (appendix B).
 
     The summaries start from the thinking's KV cache: a summary prompt is the trace's own
     prompt + thinking[:cut] + an insert, so only the insert is encoded again
@@ -384,7 +450,7 @@ def completion_reward(completions: list, answer: list, **kwargs) -> list[float]:
         raise TypeError("completion_reward: each completion must be a string or a list of chat messages "
                         "with a 'content' key") from None
     if any("\\boxed" in t for t in texts) and not any(THINK_END in t for t in texts):
-        _think_end_dropped_warning()  # a tokenizer whose </think> is special, decoded without it
+        _think_end_dropped_warning()  # </think> decoded away (a special token), or never written
     rewards = []
     for text, truth in zip(texts, answer):
         truth = str(truth)
@@ -401,10 +467,11 @@ def completion_reward(completions: list, answer: list, **kwargs) -> list[float]:
 @functools.lru_cache(maxsize=1)  # the body runs once: the warning is said once per process
 def _think_end_dropped_warning():
     warnings.warn("completion_reward: some completions hold a \\boxed answer but none holds </think>, so all "
-                  "score 0. If </think> is a special token of your tokenizer, your trainer removed it when "
-                  "decoding (TRL decodes with skip_special_tokens=True). Fix: score the token ids, decoded with "
-                  "it kept: reward_funcs=lambda completion_ids, answer, **kw: "
-                  "ar.completion_reward(tokenizer.batch_decode(completion_ids), answer)", stacklevel=4)
+                  "score 0. Either the model never closed its thinking (then 0 is right), or </think> is a "
+                  "special token of your tokenizer that your trainer removed when decoding (TRL decodes with "
+                  "skip_special_tokens=True). Fix for the second: score the token ids, decoded with it kept: "
+                  "reward_funcs=lambda completion_ids, answer, **kw: "
+                  "ar.completion_reward(tokenizer.batch_decode(completion_ids), answer)", stacklevel=3)
 
 
 def score_rollout(ro: Rollout, truths: list[str]) -> torch.Tensor:
@@ -425,10 +492,11 @@ def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None
 
     scores: B,G,S,A.  prompt_index: B,G,S (budget whose prompt s uses) or None  ->  B,G,S
     """
-    sizes, scores = _expect("scores", scores, "B,G,S,A"), _floats(scores)
+    S = _check(("scores", scores, "B,G,S,A"), ("prompt_index", prompt_index, "B,G,S"))["S"]
+    scores = _floats(scores)
     if prompt_index is None:
         return scores.mean(-1)
-    _expect("prompt_index", prompt_index, "B,G,S", sizes)
+    _check_index(prompt_index, S)
     A = scores.shape[-1]
     sums = torch.zeros(scores.shape[:-1], dtype=scores.dtype).scatter_add_(
         -1, prompt_index, scores.sum(-1))                                   # B,G,S
@@ -439,7 +507,8 @@ def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None
 
 def returns_to_go(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """R[g,s] = sum_{k>=s} p_k r[g,k].   scores: B,G,S;  prior: S  ->  B,G,S"""
-    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
+    _check(("scores", scores, "B,G,S"), ("prior", prior, "S"))
+    _check_prior(prior)
     return (_floats(scores) * prior).flip(-1).cumsum(-1).flip(-1)
 
 
@@ -447,7 +516,7 @@ def v2_baseline(returns: torch.Tensor) -> torch.Tensor:
     """V2[g,s] = mean over the G traces of R[.,s] (trace itself included); 0 when G = 1.
 
     returns: B,G,S  ->  B,G,S"""
-    _expect("returns", returns, "B,G,S")
+    _check(("returns", returns, "B,G,S"))
     returns = _floats(returns)
     if returns.shape[1] == 1:
         return torch.zeros_like(returns)
@@ -460,7 +529,8 @@ def v1_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     scores: B,G,S;  prior: S  ->  B,G,S.  The trace's own answers so far, later ones weighted
     more (each budget twice the one before: the module docstring says why).
     """
-    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
+    _check(("scores", scores, "B,G,S"), ("prior", prior, "S"))
+    _check_prior(prior)
     scores, S = _floats(scores), scores.shape[-1]
     w = 2.0 ** torch.arange(S, dtype=scores.dtype)                 # S
     num = (scores * w).cumsum(-1) - scores * w                     # sum over k < s (exclusive)
@@ -476,7 +546,8 @@ def brpo_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     scores: B,G,S;  prior: S  ->  B,G,S.  (The paper writes b_{s-1}/b_{S-1} for s/S: the
     same for evenly spaced budgets.)
     """
-    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
+    _check(("scores", scores, "B,G,S"), ("prior", prior, "S"))
+    _check_prior(prior)
     scores, S = _floats(scores), scores.shape[-1]
     s = torch.arange(S, dtype=scores.dtype)                        # S
     return (s * v1_baseline(scores, prior) + (S - s) * v2_baseline(returns_to_go(scores, prior))) / S
@@ -494,7 +565,8 @@ def thinking_advantages(scores: torch.Tensor, prior: torch.Tensor, method: str =
     No division by a standard deviation unless normalize_std (off, as the authors).
     One question's G traces are scores[None]: the group mean V2 is taken over dim 1.
     """
-    _expect("prior", prior, "S", _expect("scores", scores, "B,G,S"))
+    _check(("scores", scores, "B,G,S"), ("prior", prior, "S"))
+    _check_prior(prior)
     R = returns_to_go(scores, prior)
     if method == "brpo":
         baseline = brpo_baseline(scores, prior)
@@ -527,9 +599,10 @@ def summary_advantages(scores: torch.Tensor, method: str = "brpo",
     summaries learn at every budget even under the base prior.
     grpo: only the last budget's summaries get an advantage; the others get 0.
     """
-    sizes, scores = _expect("scores", scores, "B,G,S,A"), _floats(scores)
+    S = _check(("scores", scores, "B,G,S,A"), ("prompt_index", prompt_index, "B,G,S"))["S"]
+    scores = _floats(scores)
     if prompt_index is not None:
-        _expect("prompt_index", prompt_index, "B,G,S", sizes)
+        _check_index(prompt_index, S)
     if method not in SUMMARY_METHODS:
         raise ValueError(f"unknown summary method {method!r}; choose one of {SUMMARY_METHODS}")
     A = scores.shape[-1]
@@ -549,7 +622,8 @@ def rollout_advantages(ro: Rollout, scores: torch.Tensor, prior: torch.Tensor,
 
     scores: B,G,S,A (score_rollout);  prior: S  ->  (thinking_adv N,S, summary_adv N,S,A)
     """
-    _expect("scores", scores, "B,G,S,A", {"B": len(ro.think_ids), "S": len(ro.budgets)})
+    _check(("scores", scores, "B,G,S,A"), known={"B": (len(ro.think_ids), "the rollout"),
+                                                 "S": (len(ro.budgets), "the rollout")})
     r = pooled_scores(scores, ro.prompt_index)                          # B,G,S
     thinking_adv = thinking_advantages(r, prior, thinking_method)
     summary_adv = summary_advantages(scores, summary_method, ro.prompt_index)
@@ -646,7 +720,7 @@ def packed_attention_mask(prefix_len: torch.Tensor, block_start: torch.Tensor,
 
     prefix_len, block_start: N,T. Row i attends to key j iff j < prefix_len[i] or
     block_start[i] <= j <= i (the diagram above)."""
-    _expect("block_start", block_start, "N,T", _expect("prefix_len", prefix_len, "N,T"))
+    _check(("prefix_len", prefix_len, "N,T"), ("block_start", block_start, "N,T"))
     T = prefix_len.shape[-1]
     j = torch.arange(T, device=prefix_len.device)                    # key index
     i = j[:, None]                                                   # query index
@@ -674,9 +748,8 @@ def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor,
     activation checkpointing, so no N x T x V float32 tensor ever exists.
     input_ids, position_ids, trained: N,T;  attention_mask: N,1,T,T (additive) or N,T.
     """
-    sizes = _expect("input_ids", input_ids, "N,T")
-    _expect("position_ids", position_ids, "N,T", sizes)
-    _expect("trained", trained, "N,T", sizes)
+    sizes = _check(("input_ids", input_ids, "N,T"), ("position_ids", position_ids, "N,T"),
+                   ("trained", trained, "N,T"))
     if attention_mask.dim() not in (2, 4) or attention_mask.shape[0] != sizes["N"] or \
             attention_mask.shape[-1] != sizes["T"]:
         raise ValueError(f"attention_mask must have shape [N, 1, T, T] or [N, T] with N, T = {sizes['N']}, "
@@ -713,12 +786,10 @@ def token_advantages(packed: Packed, thinking_adv: torch.Tensor,
 
     thinking_adv: N,S;  summary_adv: N,S,A  ->  N,T (0 where not trained)
     """
-    sizes = _expect("packed.adv_index", packed.adv_index, "N,T")
-    for name, x, dims in (("thinking_adv", thinking_adv, "N,S"), ("summary_adv", summary_adv, "N,S,A")):
-        _expect(name, x, dims, sizes)
-    for d, n in (("S", packed.num_budgets), ("A", packed.num_summaries)):
-        if n is not None and sizes[d] != n:
-            raise ValueError(f"the packed rows have {d} = {n}, the advantages {d} = {sizes[d]}")
+    known = {d: (n, "the packed rows") for d, n in (("S", packed.num_budgets), ("A", packed.num_summaries))
+             if n is not None}
+    _check(("packed.adv_index", packed.adv_index, "N,T"), ("thinking_adv", thinking_adv, "N,S"),
+           ("summary_adv", summary_adv, "N,S,A"), known=known)
     table = torch.cat([thinking_adv, summary_adv.flatten(1)], dim=1)        # N, S + S*A
     idx = packed.adv_index
     return table.gather(1, idx.clamp(min=0)) * (idx >= 0)
@@ -769,11 +840,18 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     gradient is the REINFORCE one, -sum A grad log pi / normaliser. Any per-token
     log-probs work (one row per completion is N,T too), so this copies into other trainers.
     """
-    sizes = _expect("logprobs", logprobs, "N,T")
-    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
-                    ("ref_logprobs", ref_logprobs)):
-        if x is not None:
-            _expect(name, x, "N,T", sizes)
+    _check(("logprobs", logprobs, "N,T"), ("old_logprobs", old_logprobs, "N,T"),
+           ("advantages", advantages, "N,T"), ("mask", mask, "N,T"), ("ref_logprobs", ref_logprobs, "N,T"))
+    for name, x in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if x is not None and not x.is_floating_point():
+            raise ValueError(f"{name} must be floating-point log-probabilities, got dtype {x.dtype}")
+    try:   # a number or a 0-d tensor, not text
+        z = math.nan if isinstance(normaliser, (str, bytes, bool)) else float(normaliser)
+    except (TypeError, ValueError, RuntimeError):
+        z = math.nan
+    if not (z > 0 and math.isfinite(z)):
+        raise ValueError(f"normaliser must be a positive number (e.g. traces in the update x largest "
+                         f"budget), got {normaliser!r}")
     mask = mask.to(logprobs.dtype)
     logratio = logprobs - old_logprobs
     ratio = logratio.exp()
@@ -833,9 +911,9 @@ def variance_diagnostics(scores: torch.Tensor, prior: torch.Tensor, think_len: t
     segment s (longer than b_{s-1}) count at budget s. NaN where a budget has < 2 such
     traces or Var[R] = 0. The paper's variance figure: a lower ratio is a better baseline.
     """
-    sizes, scores = _expect("scores", scores, "B,G,S"), _floats(scores)
-    _expect("prior", prior, "S", sizes)
-    _expect("think_len", think_len, "B,G", sizes)
+    sizes = _check(("scores", scores, "B,G,S"), ("prior", prior, "S"), ("think_len", think_len, "B,G"))
+    _check_prior(prior)
+    scores = _floats(scores)
     budgets = check_budgets(budgets)
     if len(budgets) != sizes["S"]:
         raise ValueError(f"budgets has {len(budgets)} entries where scores has S = {sizes['S']}")
@@ -905,6 +983,8 @@ PRESETS = {
 #       "0.333" is not; nor are "1000001.0" and "999999.5" 1000000); two decimals match
 #       only if equal ("2.50" is 2.5). The rule is _close (and _numbers_close).
 # Every stage has a size bound, so any input is checked in well under a second.
+
+import sympy  # noqa: E402 (here, so that only the checker needs it)
 
 # A parsed answer: a sympy expression, or a group (kind, items). Kinds: "()" tuple,
 # "[]" "[)" "(]" interval, "{}" set, "list" a bare comma list, "ratio" (b/a, c/a)
@@ -1544,38 +1624,7 @@ def _numbers_close(a: sympy.Expr, b: sympy.Expr, tol: Fraction) -> bool:
 
 
 # ----------------------------------------------------------------------------
-# Appendix B. Tensor shape checks (used by sections 4-8)
-# ----------------------------------------------------------------------------
-
-_LETTERS = {"B": "questions", "G": "traces per question", "S": "budgets", "A": "summaries per (trace, budget)",
-            "N": "traces", "T": "tokens"}
-
-
-def _expect(name: str, x, dims: str, sizes: dict | None = None) -> dict:
-    """Check that x is a tensor with one dimension per letter of dims ("B,G,S") and that each
-    letter has the size it had in the arguments checked before (sizes). Returns sizes, updated.
-    A wrong shape is a ValueError that names the expected one, never a quiet broadcast."""
-    letters, sizes = dims.split(","), {} if sizes is None else sizes
-    want = f"[{', '.join(letters)}] ({', '.join(_LETTERS.get(d, d) for d in letters)})"
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor of shape {want}, got {type(x).__name__}")
-    if x.dim() != len(letters):
-        hint = "; for a single question use x[None]" if letters[0] == "B" and x.dim() == len(letters) - 1 else ""
-        raise ValueError(f"{name} must have shape {want}, got {x.dim()}-D shape {tuple(x.shape)}{hint}")
-    for d, n in zip(letters, x.shape):
-        if sizes.setdefault(d, n) != n:
-            raise ValueError(f"{name} has {d} = {n} ({_LETTERS.get(d, d)}) where the other arguments "
-                             f"have {d} = {sizes[d]}; expected shape {want}")
-    return sizes
-
-
-def _floats(x: torch.Tensor) -> torch.Tensor:
-    """Scores may come as 0/1 integers or bools; the formulas take them as floats."""
-    return x if x.is_floating_point() else x.float()
-
-
-# ----------------------------------------------------------------------------
-# Appendix C. The sampling engine: generate(), its stopping rules, KV-cache reuse
+# Appendix B. The sampling engine: generate(), its stopping rules, KV-cache reuse
 # ----------------------------------------------------------------------------
 #
 # rollout() calls generate() twice: once for the thinking (keeping its KV cache), once for the

@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,15 @@ import anytime_reasoner as ar
 import train_small as ts
 from experiments import ablation, demo
 from anytime_reasoner import answers_match, extract_answer
+
+# Long end-to-end checks run only with AR_LONG=1 (CI runs them after the README's command:
+# AR_LONG=1 python -m pytest -q test_anytime_reasoner.py -m long).
+warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
+
+
+def long_check(test):
+    return pytest.mark.long(pytest.mark.skipif(os.environ.get("AR_LONG") != "1", reason="long: AR_LONG=1 runs it")(test))
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GSM8K = os.path.join(HERE, "..", "shared", "gsm8k")
@@ -840,48 +850,27 @@ except ImportError as e:
     assert lines[4].startswith("ImportError: generation needs transformers")
 
 
-def file_sections() -> dict[str, tuple[int, int]]:
-    """{"imports" | "section 3" | "appendix A": (first line, last line)} of anytime_reasoner.py, 1-based:
-    a section runs from its '# ---' rule to the last non-blank line before the next rule."""
+def file_sections() -> dict[str, str]:
+    """{"top" | "section 3" | "appendix A": its text} of anytime_reasoner.py. A section runs from its
+    '# ---' rule to the next section's; the top is everything from the imports to section 1."""
     lines = Path(HERE, "anytime_reasoner.py").read_text().splitlines()
     rules = [i for i, x in enumerate(lines) if x.startswith("# ---") and i + 2 < len(lines)
-             and lines[i + 2].startswith("# ---")]
-    starts = [lines.index("from __future__ import annotations")] + rules
-    out = {}
-    for k, start in enumerate(starts):
-        end = (starts[k + 1] if k + 1 < len(starts) else len(lines)) - 1
-        while not lines[end].strip():
-            end -= 1
+             and lines[i + 2].startswith("# ---") and re.match(r"# (\d+\.|Appendix [A-Z]\.)", lines[i + 1])]
+    out = {"top": "\n".join(lines[lines.index("from __future__ import annotations"):rules[0]])}
+    for k, start in enumerate(rules):
         words = lines[start + 1][2:].split()           # "3. Budgets and ..." or "Appendix A. ..."
-        name = "imports" if k == 0 else f"section {words[0].rstrip('.')}" if words[0][0].isdigit() \
-            else f"appendix {words[1].rstrip('.')}"
-        out[name] = (start + 1, end + 1)
+        name = f"section {words[0].rstrip('.')}" if words[0][0].isdigit() else f"appendix {words[1].rstrip('.')}"
+        out[name] = "\n".join(lines[start:rules[k + 1] if k + 1 < len(rules) else len(lines)])
     return out
 
 
-def readme_pieces() -> list[dict]:
-    """The rows of the "Copy one piece" table of docs/code.md: names, line ranges, what they need."""
-    text = Path(HERE, "docs", "code.md").read_text().split("## Copy one piece")[1].split("\n## ")[0]
-    rows = []
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and re.search(r"\d+–\d+", cells[1]):
-            ranges = [(int(a), int(b), where) for a, b, where in
-                      re.findall(r"(\d+)–(\d+) \(([^)]*)\)", cells[1] + " " + cells[2])]
-            rows.append({"piece": cells[0], "names": re.findall(r"`(\w+)`", cells[0]), "ranges": ranges})
-    return rows
-
-
-PIECE_CHECK = r"""
-import json, math, sys
-sys.modules["transformers"] = None                       # a piece must not need it
-import torch, anytime_reasoner as ar
-pieces, src = json.loads(sys.argv[1]), open("anytime_reasoner.py").read().splitlines()
+# name -> arguments, run on a copied piece and on the module
+PIECE_CALLS = r"""
 torch.manual_seed(0)
-r, p = torch.rand(2, 3, 4).round(), ar.budget_prior("linear", [1, 2, 3, 4])
+r, p = torch.rand(2, 3, 4).round(), torch.tensor([0.1, 0.2, 0.3, 0.4])
 scores, index = torch.rand(2, 3, 4, 2).round(), torch.tensor([[0, 1, 1, 1], [0, 1, 2, 3], [0, 1, 2, 2]]).expand(2, 3, 4)
 lp, adv = torch.randn(3, 5), torch.randn(3, 5)
-calls = {   # name -> arguments, run on the copied piece and on the module
+calls = {
     "budget_prior": [("linear", [100, 300, 600]), ("base", [1, 2])], "check_budgets": [([3, 5],)],
     "evenly_spaced_budgets": [(8000, 4)],
     "extract_answer": [("**Final Answer**\nso \\boxed{\\frac{3}{4}}",), ("\\boxed{1} and \\boxed{2}",)],
@@ -898,6 +887,15 @@ calls = {   # name -> arguments, run on the copied piece and on the module
     "variance_diagnostics": [(r.double(), p.double(), torch.randint(1, 5, (2, 3)), [1, 2, 3, 4])],
     "anytime_accuracy": [(scores, index)],
 }
+"""
+
+PIECE_CHECK = r"""
+import json, sys
+sys.modules["transformers"] = None                       # no piece may need it
+sys.modules["sympy"] = None                              # nor sympy, but the checker
+import torch
+pieces = json.loads(sys.stdin.read())
+exec(PIECE_CALLS)
 def same(a, b):
     if isinstance(a, torch.Tensor):
         return a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)  # same code: bit for bit
@@ -906,38 +904,67 @@ def same(a, b):
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     return a == b
-report = []
-for piece in pieces:
+got = {}
+for piece in sorted(pieces, key=lambda x: x["sympy"]):    # those without sympy first
+    if piece["sympy"]:
+        del sys.modules["sympy"]
     ns = {}
-    code = "\n".join("\n".join(src[a - 1:b]) for a, b, _ in piece["ranges"])
-    exec(compile(code, piece["piece"], "exec"), ns)
-    for name in piece["names"]:
-        checked = [same(ns[name](*args), getattr(ar, name)(*args)) for args in calls.get(name, [])]
-        report.append([piece["piece"], name, len(checked), callable(ns.get(name)) and all(checked)])
-print(json.dumps(report))
-"""
+    exec(compile(piece["code"], piece["piece"], "exec"), ns)
+    got[piece["piece"]] = {name: [ns[name](*args) for args in calls.get(name, [])] for name in piece["names"]}
+import anytime_reasoner as ar
+print(json.dumps([[piece, name, len(results), all(same(x, getattr(ar, name)(*args))
+                                                  for x, args in zip(results, calls.get(name, [])))]
+                  for piece, found in got.items() for name, results in found.items()]))
+""".replace("exec(PIECE_CALLS)", PIECE_CALLS)
 
 
-def test_each_listed_piece_runs_on_its_own():
-    """The "Copy one piece" table of docs/code.md: each row's lines (its section, plus the imports and what
-    it says it needs) are executed alone, without transformers, and every function the row names
-    gives what the module gives. The line ranges must be the file's current sections."""
-    pieces, sections = readme_pieces(), file_sections()
-    assert len(pieces) >= 6
-    stale = [f"{a}–{b} ({where}): now {sections.get(where)}" for piece in pieces for a, b, where in piece["ranges"]
-             if sections.get(where) != (a, b)]
-    assert not stale, "docs/code.md line ranges: " + "; ".join(stale)
-    for piece in pieces:
-        assert piece["ranges"][0][2] == "imports", piece["piece"]   # every row starts from the imports
-    r = subprocess.run([sys.executable, "-c", PIECE_CHECK, json.dumps(pieces)], capture_output=True,
+def run_pieces(pieces: list[dict]) -> list:
+    """Execute each piece's code alone in a fresh process (without transformers, and without sympy
+    unless the piece says it needs it); every function it names must give what the module gives."""
+    r = subprocess.run([sys.executable, "-c", PIECE_CHECK], input=json.dumps(pieces), capture_output=True,
                        text=True, cwd=HERE, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
     assert all(ok for _, _, _, ok in report), [x for x in report if not x[3]]
+    return report
+
+
+def test_the_readme_s_copy_recipe_runs_as_written():
+    """The README's "Copy one piece" taken literally: the top of the file and the named section,
+    nothing else, for the prior, the advantages, the loss and the checker; sympy only for the checker."""
+    text = " ".join(Path(HERE, "README.md").read_text().split("## Copy one piece")[1].split("\n## ")[0].split())
+    assert "copy the top of `anytime_reasoner.py` (everything above section 1" in text
+    named = dict(re.findall(r"\*\*the (\w+)\*\* (section \d|appendix [A-Z])", text))
+    assert set(named) == {"prior", "advantages", "loss", "checker"}, named
+    sections = file_sections()
+    names = {"prior": ["budget_prior", "check_budgets", "evenly_spaced_budgets"], "loss": ["policy_loss"],
+             "advantages": ["thinking_advantages", "summary_advantages", "brpo_baseline", "v1_baseline",
+                            "v2_baseline", "returns_to_go", "pooled_scores"],
+             "checker": ["extract_answer", "answers_match"]}
+    report = run_pieces([{"piece": piece, "names": names[piece], "sympy": piece == "checker",
+                          "code": sections["top"] + "\n" + sections[where]} for piece, where in named.items()])
+    assert sum(n for _, _, n, _ in report) >= 20      # functions really called, not just defined
+
+
+def test_each_listed_piece_runs_on_its_own():
+    """The "Copy one piece" table of docs/code.md: each row's sections (the top, its own, and what it
+    says it also needs) are executed alone, without transformers (and sympy unless the checker is
+    among them), and every function the row names gives what the module gives."""
+    text = Path(HERE, "docs", "code.md").read_text().split("## Copy one piece")[1].split("\n## ")[0]
+    sections, pieces = file_sections(), []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and re.search(r"section \d|appendix [A-Z]", cells[1]):
+            where = re.findall(r"section \d|appendix [A-Z]", cells[1] + " " + cells[2].split(";")[0])
+            pieces.append({"piece": cells[0], "names": re.findall(r"`(\w+)`", cells[0]),
+                           "sympy": "appendix A" in where,
+                           "code": "\n".join([sections["top"]] + [sections[w] for w in where])})
+    assert len(pieces) >= 6
     named = {name for piece in pieces for name in piece["names"]}
     for must in ("budget_prior", "extract_answer", "answers_match", "thinking_advantages",
                  "summary_advantages", "policy_loss", "anytime_loss"):
         assert must in named, must
+    report = run_pieces([{**p, "names": [n for n in p["names"] if n != "anytime_loss"]} for p in pieces])
     assert sum(n for _, _, n, _ in report) >= 25      # functions really called, not just defined
 
 
@@ -2469,6 +2496,7 @@ def test_the_demo_s_threads_are_chosen_from_the_load_and_said(monkeypatch, capsy
     assert "--threads must be at least 0" in exits_with_one_line(["--demo", "--threads", "-1"], capsys)
 
 
+@long_check
 def test_the_demo_shows_what_the_readme_claims(tmp_path):
     """The whole demo, as the README gives it (seed 0, default settings, 2 to 5 minutes), and the
     claim that held on every CPU and seed measured (docs/demo.md), never one machine's digits:
@@ -2487,6 +2515,7 @@ def test_the_demo_shows_what_the_readme_claims(tmp_path):
     assert ar_["mean_think_len"] < grpo["mean_think_len"] - 3 and ar_["mean_think_len"] < res["before"]["mean_think_len"] - 3
 
 
+@long_check
 def test_demo_ctrl_c_reruns_afresh_and_never_offers_a_real_run(tmp_path, capsys):
     """Ctrl-C in the demo says to run the demo again (not a --resume that would start a real
     run) and saves no checkpoint, which could not be resumed; a demo's checkpoint refuses --resume;
@@ -2548,6 +2577,7 @@ def check_one_finished_demo(folder, runs: tuple, steps: int, figure: str | None 
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs SIGINT")
+@long_check
 def test_a_stopped_demo_never_overwrites_a_finished_one(tmp_path):
     """A finished demo is replaced only with --overwrite (refused in one line without it, before
     anything runs), and only once the new demo is done: one stopped by Ctrl-C leaves it intact,
@@ -2682,6 +2712,7 @@ def test_ablation_table_is_the_seeds_mean_min_and_max():
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs kill")
+@long_check
 def test_ablation_smoke(tmp_path):
     """The ablation with a tiny budget (CI's run of it). Killed midway and run again, it keeps
     the finished runs byte for byte and does the rest; the presets start from one warm-up and
@@ -2725,6 +2756,7 @@ def test_ablation_smoke(tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs kill")
+@long_check
 def test_resume_continues_exactly(tmp_path):
     """A run of 4 steps killed (kill -9) during step 4, its checkpoint at step 2, then a plain
     --resume == 4 steps straight: it runs to the saved --steps, logs each step once, and trains
@@ -3107,6 +3139,7 @@ def assert_same_run(one, many, steps):
 
 @pytest.mark.skipif(sys.platform == "win32" or not torch.distributed.is_available(),
                     reason="torchrun with gloo, and SIGINT")
+@long_check
 def test_torchrun_two_processes_make_the_one_process_run(tmp_path, monkeypatch, capsys):
     """torchrun --nproc_per_node 2 on the CPU (gloo), each question's traces fixed by its own seed
     so that both runs sample the same ones, against one process:
@@ -3266,3 +3299,153 @@ def test_only_the_first_process_of_a_machine_says_the_error(monkeypatch, capsys)
     with pytest.raises(SystemExit) as e:
         ts.parse_args(["--steps", "0"])
     assert e.value.code == 2 and capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------
+# a researcher's inputs, the messages' advice, and what a crash leaves behind
+# ----------------------------------------------------------------------------
+
+def _bad_input_cases():
+    """(call, words of the one-line ValueError): each call passes one input that would give a
+    quietly wrong number if it were accepted."""
+    r, p = torch.rand(2, 3, 4), ar.budget_prior("uniform", [1, 2, 3, 4])
+    scores, index = torch.rand(2, 3, 4, 2).round(), torch.zeros(2, 3, 4, dtype=torch.long)
+    lp, mask = torch.zeros(3, 5), torch.ones(3, 5, dtype=torch.bool)
+    packed = ar.Packed(*[torch.zeros(6, 9, dtype=torch.long)] * 4, torch.full((6, 9), -1), 4, 2)
+    return {
+        "unnormalised prior": (lambda: ar.thinking_advantages(r, 3 * p), "prior must be >= 0 and sum to 1"),
+        "negative prior": (lambda: ar.returns_to_go(r, torch.tensor([0.5, -0.5, 0.5, 0.5])), "prior must be >= 0"),
+        "prior off by 1e-4": (lambda: ar.brpo_baseline(r, p + 2.5e-5), "sum to 1"),
+        "v1 prior": (lambda: ar.v1_baseline(r, p / 2), "prior must be >= 0 and sum to 1"),
+        "diagnostics prior": (lambda: ar.variance_diagnostics(r, p * 2, torch.ones(2, 3), [1, 2, 3, 4]), "sum to 1"),
+        "normaliser 0": (lambda: ar.policy_loss(lp, lp, lp, mask, 0.0), "normaliser must be a positive number"),
+        "normaliser < 0": (lambda: ar.policy_loss(lp, lp, lp, mask, -3), "normaliser must be a positive number"),
+        "normaliser nan": (lambda: ar.policy_loss(lp, lp, lp, mask, math.nan), "normaliser must be a positive number"),
+        "normaliser text": (lambda: ar.policy_loss(lp, lp, lp, mask, "7"), "normaliser must be a positive number"),
+        "integer logprobs": (lambda: ar.policy_loss(lp.long(), lp, lp, mask, 1.0), "logprobs must be floating-point"),
+        "integer old_logprobs": (lambda: ar.policy_loss(lp, lp.long(), lp, mask, 1.0), "old_logprobs must be floating"),
+        "float prompt_index": (lambda: ar.summary_advantages(scores, "brpo", index.float()), "prompt_index must hold integers"),
+        "prompt_index = S": (lambda: ar.pooled_scores(scores, index + 4), "prompt_index must be budget indices 0..3"),
+        "prompt_index < 0": (lambda: ar.summary_advantages(scores, "brpo", index - 1), "budget indices 0..3 (S = 4)"),
+        "anytime_accuracy index": (lambda: ar.anytime_accuracy(scores, index + 9), "prompt_index must be budget indices"),
+        # the argument that differs from the rest is the one named
+        "thinking_adv S": (lambda: ar.token_advantages(packed, torch.zeros(6, 3), torch.zeros(6, 4, 2)),
+                           "thinking_adv has S = 3 (budgets) where the packed rows and summary_adv have S = 4"),
+        "logprobs T": (lambda: ar.policy_loss(lp[:, :4], lp, lp, mask, 1.0),
+                       "logprobs has T = 4 (tokens) where old_logprobs and advantages and mask have T = 5"),
+        "packed rows S": (lambda: ar.token_advantages(packed, torch.zeros(6, 3), torch.zeros(6, 3, 2)),
+                          "the packed rows have S = 4 (budgets) where thinking_adv and summary_adv have S = 3"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_bad_input_cases()))
+def test_a_bad_input_is_a_one_line_value_error(name):
+    call, words = _bad_input_cases()[name]
+    with pytest.raises(ValueError) as e:
+        call()
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_good_inputs_pass_the_checks():
+    """What the checks must not refuse: a prior cast to float64 (its float32 rounding stays), an
+    integer prior, integer or bool scores, a 0-d tensor normaliser, an int normaliser."""
+    r = torch.tensor([[[1, 0, 1], [0, 0, 1]]])
+    p32 = ar.budget_prior("linear", [100, 300, 700])     # 1/11, 3/11, 7/11: each rounded in float32
+    for p in (p32, p32.double(), torch.tensor([0, 0, 1])):
+        ar.thinking_advantages(r, p)
+    ar.summary_advantages(torch.ones(1, 2, 3, 2, dtype=torch.bool), "brpo", torch.tensor([0, 1, 1]).expand(1, 2, 3))
+    lp = torch.zeros(2, 3)
+    for z in (torch.tensor(6.0), 6):   # ratio 1, A = 1 on 6 tokens: -6 / 6, exact
+        assert ar.policy_loss(lp, lp, torch.ones(2, 3), lp == 0, z)[0].item() == -1.0
+
+
+def test_the_completion_reward_warning_names_both_causes_and_its_caller(monkeypatch):
+    """The </think> warning: silent for an ordinary batch in which only some completions are
+    unfinished; said for a batch with boxes and no </think> at all, naming both causes (a special
+    </think> decoded away, or no completion that closed its thinking), at the caller's line."""
+    import functools
+    monkeypatch.setattr(ar, "_think_end_dropped_warning",
+                        functools.lru_cache(maxsize=1)(ar._think_end_dropped_warning.__wrapped__))
+    ordinary = ["thinking cut short \\boxed{3", "1e2f</think>\n\n**Final Answer**\n\\boxed{2}", "still thinking \\boxed{2}"]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert ar.completion_reward(ordinary, ["2"] * 3) == [0.0, 1.0, 0.0]
+        assert not seen
+        line = inspect.currentframe().f_lineno + 1
+        ar.completion_reward(["never closed \\boxed{2}"], ["2"])
+    assert len(seen) == 1 and seen[0].filename == __file__ and seen[0].lineno == line
+    message = str(seen[0].message)
+    assert "never closed its thinking" in message and "skip_special_tokens" in message
+
+
+def test_a_stopped_ablation_run_says_the_ablation_s_advice(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during one of the ablation's runs: it stops after the step and says what the
+    ablation does with it (starts it afresh when the ablation runs again), not the demo's advice
+    nor a --resume of a real run."""
+    import signal
+    _train_without_a_model(monkeypatch, lambda args, prior: os.kill(os.getpid(), signal.SIGINT))
+    start = tiny_model_dir(tmp_path)
+    args = _step_args("ar-uniform", steps=5, out_dir=str(tmp_path / "abl"))
+    tok = demo.tiny_tokenizer()
+    with pytest.raises(SystemExit) as e:
+        ablation.ablation_run(args, "grpo", start, str(tmp_path / "abl"), [{"question": "a>c", "answer": "2"}] * 4,
+                              [{"question": "a>c", "answer": "2"}], tok, torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert e.value.code == 130
+    assert "stopped at step 1; this run starts afresh when the ablation runs again" in out
+    assert "--demo" not in out and "--resume" not in out
+
+
+def test_the_demo_s_advice_is_a_command_that_works(tmp_path, monkeypatch, capsys):
+    """The command a stopped demo and a demo's --resume give: the demo into the same folder, with
+    --overwrite when a finished demo is there (without it that command is refused)."""
+    monkeypatch.chdir(tmp_path)
+    assert ts.demo_command("out-demo") == "python train_small.py --demo"
+    assert ts.demo_command("mine") == "python train_small.py --demo --out-dir mine"
+    (tmp_path / "out-demo").mkdir()
+    (tmp_path / "out-demo" / "demo_results.json").write_text("{}")
+    assert ts.demo_command("out-demo") == "python train_small.py --demo --overwrite"
+    tok = demo.tiny_tokenizer()
+    model = demo.tiny_model(tok, hidden=32, layers=1)
+    ts.save_checkpoint(str(tmp_path / "out-demo" / "ckpt-grpo"), model, tok, torch.optim.AdamW(model.parameters()),
+                       1, 2, ts.parse_args(["--demo"]))
+    err = exits_with_one_line(["--resume", "out-demo/ckpt-grpo"], capsys)
+    assert "run `python train_small.py --demo --overwrite` again" in err
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.45, 0.45, 0.45))   # the load the message compares
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    assert "load 0.45 < 0.5 = 2 cores - 1.5" in demo.cpu_threads(0)
+
+
+@pytest.mark.parametrize("crash_after", range(12))
+def test_publishing_a_demo_never_leaves_a_folder_that_claims_a_finished_demo_with_files_missing(tmp_path, monkeypatch,
+                                                                                                  crash_after):
+    """publish_demo moves the old demo out and the new one in, file by file. Killed after any
+    number of moves, the folder holds demo_results.json (the mark of a finished demo) only if it
+    also holds every other file of that same demo: the marker leaves first and arrives last."""
+    out, staging = tmp_path / "out", tmp_path / "out" / "partial"
+    staging.mkdir(parents=True)
+    old = {"demo_results.json": "old", "metrics-grpo.jsonl": "old", "eval-grpo.jsonl": "old", "anytime_accuracy.png": "old"}
+    new = {"demo_results.json": "new", "metrics-grpo.jsonl": "new", "eval-grpo.jsonl": "new",
+           "metrics-ar-uniform.jsonl": "new", "anytime_accuracy.png": "new"}
+    for folder, files in ((out, old), (staging, new)):
+        for name, text in files.items():
+            (folder / name).write_text(text)
+    moves, replace = [], os.replace
+
+    def replace_then_die(a, b):
+        if len(moves) == crash_after:
+            raise KeyboardInterrupt("killed")
+        moves.append((a, b))
+        replace(a, b)
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    try:
+        demo.publish_demo(str(staging), str(out))
+    except KeyboardInterrupt:
+        pass
+    here = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}
+    if "demo_results.json" in here:
+        files = new if here["demo_results.json"] == "new" else old
+        assert {k: here.get(k) for k in files} == files
+    if crash_after >= len(old) + len(new):       # not killed: the new demo, whole
+        assert here == new

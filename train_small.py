@@ -248,9 +248,7 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
             save_checkpoint(ckpt_path, model, tokenizer, optimizer, step, data_pos, args)
     if stopped:
         launch = "python" if WORLD == 1 else "torchrun --nproc_per_node N"  # any N
-        print(f"stopped at step {step}; " + (stop_hint or (
-            "the demo does not resume: run `python train_small.py --demo` again (it reuses the warm-up)"
-            if args.demo else f"continue with: {launch} train_small.py --resume {ckpt_path}")))
+        print(f"stopped at step {step}; " + (stop_hint or f"continue with: {launch} train_small.py --resume {ckpt_path}"))
         leave_together()
         sys.exit(130)
     return (first, result) if RANK == 0 else (None, None)  # distributed: rank 0 draws the figure
@@ -326,6 +324,13 @@ def main_eval_only(args: Args, device, offline: bool) -> dict:
 # Plumbing. Flags: the command line, and every check before anything heavy loads
 # ----------------------------------------------------------------------------
 
+def demo_command(out_dir: str) -> str:
+    """The command that runs the demo again into out_dir (with --overwrite if a finished demo is there)."""
+    same = os.path.abspath(out_dir) == os.path.abspath(DEMO["out_dir"])
+    return ("python train_small.py --demo" + ("" if same else f" --out-dir {out_dir}")
+            + (" --overwrite" if os.path.isfile(os.path.join(out_dir, "demo_results.json")) else ""))
+
+
 def die(msg: str):
     """One clear line and a non-zero exit; no traceback for a user's mistake."""
     if LOCAL_RANK == 0:  # distributed: every process stops, one of each machine says why
@@ -386,8 +391,8 @@ def parse_args(argv=None) -> Args:
         with open(os.path.join(given["resume"], "args.json")) as f:
             resumed = json.load(f)
         if resumed.get("demo"):
-            die(f"--resume {given['resume']}: a checkpoint of the demo, which does not resume; "
-                f"run `python train_small.py --demo` again")
+            die(f"--resume {given['resume']}: a checkpoint of the demo, which does not resume; run "
+                f"`{demo_command(os.path.dirname(os.path.abspath(given['resume'])))}` again")
         if "model" in given:
             die(f"--resume {given['resume']} holds its own model (trained from {resumed.get('model')}); drop --model")
         # --eval-only writes into a folder of its own, not into the run's

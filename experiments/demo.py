@@ -178,7 +178,8 @@ def cpu_threads(threads: int) -> str:
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     n = threads or (2 if load < cores - 1.5 else 1)
     torch.set_num_threads(n)
-    why = "--threads" if threads else f"{'quiet' if n == 2 else 'busy'} machine: load {load:.1f} on {cores} cores"
+    why = "--threads" if threads else (f"{'quiet' if n == 2 else 'busy'} machine: 1-minute load {load:.2f} "
+                                       f"{'<' if n == 2 else '>='} {cores - 1.5:g} = {cores} cores - 1.5")
     return f"{n} CPU thread{'s' * (n > 1)} ({why}; 1 and 2 give the same result)"
 
 
@@ -210,7 +211,9 @@ def main_demo(args: Args, device):
         print(f"\n=== {name}: S={len(run_args.budgets)} budgets {run_args.budgets}, A={run_args.num_summaries}, "
               f"prior {run_args.prior}, thinking {run_args.thinking_method}, summary {run_args.summary_method}")
         before, results[name] = ts.train(Args(**{**asdict(run_args), "out_dir": staging}), model, tokenizer,
-                                      train_set, eval_set, demo_prompt, device, tag="-" + name)
+                                      train_set, eval_set, demo_prompt, device, tag="-" + name,
+                                      stop_hint="the demo does not resume: run `" + ts.demo_command(args.out_dir)
+                                      + "` again (it reuses the warm-up)")
         results = {"before": before, **results} if "before" not in results else results
     title = ts.figure_title("tiny demo model", " vs ".join(runs), len(eval_set), args.eval_temperature)
     print("\n" + title.replace("\n", ": ") + "\n" + ts.format_table(results))

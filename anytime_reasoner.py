@@ -15,8 +15,8 @@ decoupled advantage, and one PPO-clip loss trains both (anytime_loss).
 
 Run it:
     python train_small.py                      # one GPU, Qwen2.5-0.5B-Instruct on GSM8K
-    python train_small.py --demo               # CPU, offline, 2 to 5 minutes
-    python -m experiments.worked_example       # BRPO's numbers on a hand-made case, 2 seconds
+    python train_small.py --demo               # CPU, offline, minutes
+    python -m experiments.worked_example       # BRPO's numbers on a hand-made case, seconds
     python -m pytest -q test_anytime_reasoner.py
 
 Reading order: top to bottom is the algorithm, in the order data flows:

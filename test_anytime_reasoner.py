@@ -2954,6 +2954,8 @@ def test_quickstart_is_what_ci_runs():
         # CI: a pinned CPU torch; the demo and the worked example run in the tests
         if command not in (cpu_torch, "python train_small.py --demo", "python -m experiments.worked_example"):
             assert command in ci, command
+    long = re.search(r"`(AR_LONG=1 python -m pytest[^`]*)`", quickstart).group(1)   # the long checks, as CI runs them
+    assert long in ci and ci.index(long) > ci.index("python -m pytest -q test_anytime_reasoner.py")
     ci_torch = next(i for i, line in enumerate(ci) if line.startswith("pip install") and "torch" in line)
     assert ci_torch < ci.index(install)
     words = install.split()

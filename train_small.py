@@ -6,7 +6,7 @@
     python train_small.py --data-dir path/to/gsm8k         # local train.jsonl and test.jsonl (else downloaded once)
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped
     python train_small.py --eval-only --model Qwen/Qwen3-0.6B  # the anytime curve of a model, no training
-    python train_small.py --demo                           # CPU, offline, 2-5 minutes: see the effect
+    python train_small.py --demo                           # CPU, offline, minutes: see the effect
     torchrun --standalone --nproc_per_node 8 train_small.py  # one run on 8 GPUs (docs/multi-gpu.md)
     python train_small.py --help                           # every flag, its unit, default and demo value
 
@@ -117,7 +117,7 @@ class Args:
     device: str = arg("auto", "cpu, cuda, cuda:1 or mps; auto: a GPU if there is one")
     threads: int = arg(0, "demo only: CPU threads of torch; 1 and 2 give the same result, 3 or more another. "
                        "0: 2 on a quiet machine, 1 on a busy one (where 2 threads wait for each other)")
-    demo: bool = arg(False, "offline CPU demo, 2-5 minutes: a tiny model built in code learns a "
+    demo: bool = arg(False, "offline CPU demo, minutes (the README gives its time): a tiny model built in code learns a "
                      "synthetic task, then AnytimeReasoner and GRPO train it from the same start")
 
 

@@ -1,6 +1,6 @@
 """The paper's ablation at toy scale: every preset, several seeds, on the demo task.
 
-    python -m experiments.ablation                 # 8 presets x 3 seeds, into out-ablation/ (30-50 min, 2 cores)
+    python -m experiments.ablation                 # 8 presets x 3 seeds, into out-ablation/ (time: docs/ablation.md)
     python -m experiments.ablation --seeds 5       # add seeds 3 and 4 to the same folder
     python -m experiments.ablation --steps 1 --warmup-steps 3 --questions-per-step 4   # a smoke run
 

@@ -1,7 +1,7 @@
 """The offline CPU demo: a tiny model learns a synthetic task where thinking helps, then
 AnytimeReasoner and GRPO train it from the same start, same steps, same questions.
 
-    python train_small.py --demo             # 2 to 5 minutes on 2 CPU cores; --help shows its values
+    python train_small.py --demo             # minutes on a CPU (the README gives its time); --help shows its values
     python train_small.py --demo --seed 1    # another warm-up, other training questions
 
 train_small.py runs this file's main_demo with the demo's flags; the ablation

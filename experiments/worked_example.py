@@ -1,6 +1,6 @@
 """BRPO with numbers: every quantity of one hand-made rollout, computed by anytime_reasoner.py.
 
-    python -m experiments.worked_example                  # the tables, in 2 seconds, on any CPU
+    python -m experiments.worked_example                  # the tables, on any CPU
     python -m experiments.worked_example --figure a.png   # and one trace as a strip of tokens (.txt without matplotlib)
 
 One question, G = 4 traces, S = 4 budgets (4, 8, 12, 16 tokens), A = 2 summaries, uniform prior.

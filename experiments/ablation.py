@@ -29,7 +29,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 import anytime_reasoner as ar  # noqa: E402
 import train_small as ts  # noqa: E402
-from experiments import demo  # noqa: E402
 from train_small import Args, die  # noqa: E402
 
 # The paper's runs in the order of its argument: GRPO, each ingredient added to it, then
@@ -58,7 +57,7 @@ def variance_on_rollouts(model, tokenizer, eval_set: list[dict], args: Args) -> 
     model.eval()
     with torch.random.fork_rng(), torch.no_grad():  # its own random stream, as the evaluations
         torch.manual_seed(args.seed + 54321)
-        ro = ar.rollout(model, tokenizer, [demo.demo_prompt(q["question"]) for q in questions], budgets,
+        ro = ar.rollout(model, tokenizer, [ts.demo_prompt(q["question"]) for q in questions], budgets,
                         VARIANCE_TRACES, 4, args.temperature, args.summary_max_tokens, args.think_batch,
                         args.summary_batch)
     r = ar.pooled_scores(ar.score_rollout(ro, [q["answer"] for q in questions]), ro.prompt_index)  # B,G,S
@@ -78,7 +77,7 @@ def ablation_run(args: Args, name: str, start: str, folder: str, train_set, eval
     run_dir = os.path.join(folder, name)
     if os.path.isdir(run_dir):  # stopped midway: runs do not resume, start it again
         shutil.rmtree(run_dir)
-    run_args = Args(**{**asdict(demo.preset_args(args, name)), "out_dir": run_dir, "eval_every": args.steps})
+    run_args = Args(**{**asdict(ts.preset_args(args, name)), "out_dir": run_dir, "eval_every": args.steps})
     ts.seed_everything(args.seed)
     with ts.no_hf_bars():
         model = AutoModelForCausalLM.from_pretrained(start).to(device)
@@ -86,7 +85,7 @@ def ablation_run(args: Args, name: str, start: str, folder: str, train_set, eval
           f"A={run_args.num_summaries}, prior {run_args.prior}, thinking {run_args.thinking_method}, "
           f"summary {run_args.summary_method}", flush=True)
     wall, cpu = time.time(), time.process_time()
-    before, after = ts.train(run_args, model, tokenizer, train_set, eval_set, demo.demo_prompt, device,
+    before, after = ts.train(run_args, model, tokenizer, train_set, eval_set, ts.demo_prompt, device,
                              stop_hint="this run starts afresh when the ablation runs again")
     wall, cpu = time.time() - wall, time.process_time() - cpu
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -256,10 +255,10 @@ def main_ablation(args: Args, num_seeds: int, device):
     warm-up with the same questions and steps; then one table and two figures. A finished run
     keeps its folder (seedN/preset/ with result.json, written last) and is not redone when the
     ablation runs again; a folder holds the runs of one ablation only (ablation.json)."""
-    print(demo.cpu_threads(args.threads))
+    print(ts.cpu_threads(args.threads))
     prepare_ablation_folder(args)
     out = args.out_dir
-    tokenizer = demo.tiny_tokenizer()
+    tokenizer = ts.tiny_tokenizer()
     seeds = list(range(args.seed, args.seed + num_seeds))
     runs, variance, kept = [], {"warmed-up model": [], "after ar-uniform": []}, 0
     t0 = time.time()
@@ -267,8 +266,8 @@ def main_ablation(args: Args, num_seeds: int, device):
         seed_args = Args(**{**asdict(args), "seed": seed})
         folder = os.path.join(out, f"seed{seed}")
         os.makedirs(folder, exist_ok=True)
-        train_set, eval_set = demo.demo_data(seed_args)
-        start = demo.warmed_up_model(seed_args, tokenizer, device, folder)
+        train_set, eval_set = ts.demo_data(seed_args)
+        start = ts.warmed_up_model(seed_args, tokenizer, device, folder)
         for name in ABLATION:
             path = os.path.join(folder, name, "result.json")
             if os.path.isfile(path):

@@ -1047,6 +1047,8 @@ def test_the_worked_example_prints_the_library_s_numbers(tmp_path):
         packed.prefix_len, packed.block_start)[0, 0].tolist()]
     assert mask[12] == "x" * 6 + "." * 6 + "x" + "." * 27        # budget 4's first summary: Q, <think>, t1-t4, itself
     assert r.stdout.strip().splitlines()[-1].startswith("wrote ") and list(tmp_path.glob("trace3.*"))
+    doc = Path(HERE, "docs", "worked-example.md").read_text().split("```text\n")[1].split("```")[0]
+    assert r.stdout.rsplit("\nwrote ", 1)[0] + "\n" == doc      # the page shows the printout as it is
 
 
 def test_every_relative_link_of_the_docs_resolves():

@@ -65,7 +65,9 @@ class Args:
                      "folder; a folder when it exists or cannot be a hub name (starts with /, . or ~, has two /)")
     preset: str = arg("ar-uniform", "a run of the paper (docs/training.md, 'Presets'): " + ", ".join(ar.PRESETS))
     budgets: list[int] | None = arg(None, "thinking budgets in tokens, comma-separated and increasing, e.g. "
-                                    "128,256,384,512 [default: the preset's S, evenly spaced up to --max-think]")
+                                    "128,256,384,512 [default: the preset's S, evenly spaced up to --max-think]. "
+                                    "BRPO weighs V1 by s/S, the paper by b_{s-1}/b_{S-1}: the same only when evenly "
+                                    "spaced")
     prior: str | None = arg(None, "weights of the budgets in the objective: uniform, linear or base "
                             "[default: the preset's]")
     num_summaries: int | None = arg(None, "A, summaries sampled per (trace, budget) [default: the preset's]")

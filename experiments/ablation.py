@@ -10,7 +10,8 @@ is evaluated once, after its last step. Then one table (ablation_table.md), the 
 (ablation_results.json) and two figures: accuracy against budget per preset, and the
 variance of the thinking advantage, Var[R - V] / Var[R], for V = V1, V2 and BRPO. A finished
 run keeps its folder (seedN/preset/, result.json written last) and is not redone when the
-ablation runs again. Any flag of `train_small.py --demo` may be given (--steps, --lr, ...),
+ablation runs again: on a finished folder the same command only redraws the table and figures.
+Any flag of `train_small.py --demo` may be given (--steps, --lr, ...),
 but not those that change a preset. Results and how to read them: docs/ablation.md.
 """
 from __future__ import annotations

@@ -170,6 +170,7 @@ def test_summary_advantages_hand_worked():
     close(adv, expect, 8 * EPS)
     adv = ar.summary_advantages(scores, "grpo")  # only the last budget learns
     close(adv, expect * torch.tensor([0.0, 1.0])[:, None], 8 * EPS)
+    assert not adv[:, :, 0].signbit().any()       # 0, never -0. (printed as -0.000)
     # A = 1: baseline is the mean over the G traces at that budget
     one = torch.tensor([[[[1.0], [0.0]], [[0.0], [0.0]], [[1.0], [1.0]]]])  # G=3, S=2
     adv = ar.summary_advantages(one, "brpo")
@@ -2628,6 +2629,9 @@ def test_ablation_flags(capsys):
     assert ablation.parse_args(["--out-dir", "x", "--seeds", "5", "--lr", "0.1"])[0:2] == \
         (ts.parse_args(["--demo", "--out-dir", "x", "--lr", "0.1"]), 5)
     assert set(ablation.ABLATION) == set(ar.PRESETS) and len(ablation.ABLATION) == len(ar.PRESETS)
+    labels = ablation.same_runs(["before", *ablation.ABLATION])   # the figure draws one run once
+    assert labels["grpo+vr+decouple"] == "grpo+vr+decouple = ar-base (same run)" and labels["ar-base"] == ""
+    assert sum(bool(x) for x in labels.values()) == 8 and labels["before"] == "before"
     parse = lambda argv: ablation.parse_args(argv)[0]
     for flag in (["--prior", "linear"], ["--preset", "grpo"], ["--budgets=8,16"], ["--eval-every", "5"]):
         assert "runs every preset as it is" in exits_with_one_line(flag, capsys, parse)

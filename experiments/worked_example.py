@@ -137,7 +137,7 @@ def figure(t: dict, path: str) -> str:
             ax.text((lo + hi + 1) / 2, 0.68, f"A = {t['brpo'][3, s]:+.3f}", ha="center", fontsize=11)
         rows = [y - a for a in range(A)]
         ax.plot([cuts[s] + 0.5] * 2, [-0.42, rows[-1]], color="0.2", lw=1.4)  # hangs under its cut
-        ax.text(4.1, (rows[0] + rows[-1]) / 2, f"summaries at b={BUDGETS[s]}\n(they see {cuts[s]} tokens)",
+        ax.text(BUDGETS[0] + 0.1, (rows[0] + rows[-1]) / 2, f"summaries at b={BUDGETS[s]}\n(they see {cuts[s]} tokens)",
                 ha="right", va="center", fontsize=11)
         for a, row_y in zip(range(A), rows):
             block = range(row["block_start"][branches[s * A + a][0]], branches[s * A + a][-1] + 1)  # insert, summary

@@ -68,7 +68,8 @@ def table(title: str, x: torch.Tensor, rows: str = "trace", cols=BUDGETS) -> str
 
 def render(t: dict) -> str:
     tokens, row, mask, adv = packed_row(t)
-    out = [table("summary scores [g, s, a] (A = 2 per budget; trace 3's budgets 12 and 16 share a prompt)", t["scores"]),
+    out = [table("summary scores [g, s, a] (A = 2 per budget; trace 3's budgets 12 and 16 share a prompt)",
+                 t["scores"]),
            table("r[g, s] = mean score of the summaries of the prompt budget s uses (pooled)", t["r"]),
            table("p[s] = 1 / S (uniform prior)", t["prior"][None], rows="p"),
            table("R[g, s] = sum_{k>=s} p[k] r[g, k]   (return of thinking segment (b_{s-1}, b_s])", t["R"]),

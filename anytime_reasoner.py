@@ -5,12 +5,11 @@ A minimal, single-GPU reimplementation of
     Optimizing Anytime Reasoning via Budget Relative Policy Optimization
     Qi, Liu, Pang, Du, Lee, Lin, 2025, arXiv 2505.13438
 
-The model thinks once per question (up to the largest budget); the thinking is
-cut at every budget b_s, a short summary ("**Final Answer** ... \\boxed{}") is
-sampled after each cut, and every summary is scored. Thinking tokens are then
-rewarded for how good the answers at *all later budgets* are (weighted by a
-budget prior), against a baseline that mixes the trace's own progress so far
-(V1) with the group mean (V2). That is BRPO. Summaries get their own,
+The model thinks once per question (up to the largest budget); the thinking is cut at every
+budget b_s, a short summary ("**Final Answer** ... \\boxed{}") is sampled after each cut, and
+every summary is scored. Thinking tokens are then rewarded for how good the answers at *all
+later budgets* are (weighted by a budget prior), against a baseline that mixes the trace's own
+progress so far (V1) with the group mean (V2). That is BRPO. Summaries get their own,
 decoupled advantage, and one PPO-clip loss trains both (anytime_loss).
 
 Run it:
@@ -20,17 +19,15 @@ Run it:
     python -m pytest -q test_anytime_reasoner.py
 
 Reading order: top to bottom is the algorithm, in the order data flows:
-    1 prompts -> 2 budget prior -> 3 rollout -> 4 rewards -> 5 advantages
-    (thinking_advantages: BRPO; summary_advantages: decoupled) -> 6 packed
-    log-probs -> 7 the loss (anytime_loss, the whole objective) -> 8 evaluation
-    -> 9 the paper's runs (PRESETS).
-Then the engineering, to skip on a first read: appendix A, the answer checker
-(long only because it must be safe on model text: no eval, bounded time; its
-interface is extract_answer and answers_match); B, the sampling engine
-(generate(): Hugging Face `generate` with the stopping rules and the reuse of the
-thinking's KV cache for the summaries). The input checks sit above section 1. To
-copy one piece, take everything above section 1 and the piece's section: it
-needs torch alone (the checker sympy; transformers only generation).
+    1 prompts -> 2 budget prior -> 3 rollout -> 4 rewards -> 5 advantages (thinking_advantages:
+    BRPO; summary_advantages: decoupled) -> 6 packed log-probs -> 7 the loss (anytime_loss, the
+    whole objective) -> 8 evaluation -> 9 the paper's runs (PRESETS).
+Then the engineering, to skip on a first read: appendix A, the answer checker (long only because
+it must be safe on model text: no eval, bounded time; its interface is extract_answer and
+answers_match); B, the sampling engine (generate(): Hugging Face `generate` with the stopping
+rules, and the reuse of the thinking's KV cache, the keys and values of the tokens already read,
+for the summaries). The input checks sit above section 1. To copy one piece, take everything
+above section 1 and the piece's section: torch alone (the checker sympy; transformers only generation).
 
 Shapes used throughout (letters defined once, here):
     B questions, G thinking traces per question, S budgets, A summaries per
@@ -38,36 +35,31 @@ Shapes used throughout (letters defined once, here):
 Every public function checks the rank of its tensors and that the letters agree
 between its arguments; a wrong shape is a ValueError that names the expected one.
 
-The objective (b_s the budgets, s = 0..S-1, b_{-1} = 0, p_s the prior, r[g,s] the
-mean score of trace g's summaries at budget s; at s = 0 the baseline is V2 alone):
+The objective and its loss, as in the README (b_s the budgets, s = 0..S-1, b_{-1} = 0, p_s the
+prior; at s = 0 the baseline is V2 alone):
     J       = sum_s p_s * E[score of the answer given after the thinking is cut at b_s]
+    score   = 1 iff the last box of the summary's first paragraph is right and it adds no </think>
+    r[g,s]  = mean score of trace g's summaries at budget s; budgets that share one summary prompt
+              (a trace closed before both) pool: the mean of all their k*A scores
     R[g,s]  = sum_{k>=s} p_k r[g,k]          return of thinking segment (b_{s-1}, b_s]
     V2[g,s] = mean over the G traces of R[.,s]    the group baseline, as in GRPO
     prev    = sum_{k<s} 2^k r[g,k] / sum_{k<s} 2^k,   V1[g,s] = prev * sum_{k>=s} p_k
     A[g,s]  = R[g,s] - (s * V1[g,s] + (S - s) * V2[g,s]) / S        BRPO
-Tokens of segment s can only change the answers at budgets s and later, hence
-the sum over k >= s. V1 predicts those answers from the ones the trace already
-gave: the answer at budget k is made from a longer thought than the one at k-1,
-so it is better evidence of where the trace stands now, and the weights 2^k
-double from one budget to the next (the latest answer weighs more than all
-earlier ones together). Early on, V1 rests on few answers and V2 is the better
-guess; late, the trace's own history is: hence the weights s/S and (S-s)/S.
-The paper shows this mix has a lower variance than either baseline alone
-(variance_diagnostics measures it).
-
-Words used here:
-    KV cache      the keys and values of every attention layer for the tokens
-                  already read. Generation appends one token at a time and reuses
-                  them; the summaries start from the thinking's cache (appendix B).
-    packed tree   one training row per trace: prompt, thinking, then every
-                  summary block; an attention mask lets each summary see only the
-                  thinking up to its cut (the diagram in section 6).
-    sdpa, eager   two attention implementations of Hugging Face models: PyTorch's
-                  fused scaled_dot_product_attention, and a plain matmul-softmax.
-                  The packed mask is an additive 4-D tensor that works with both.
-    PPO-clip      the policy-gradient loss whose probability ratio new/old is
-                  clipped to [1 - eps, 1 + eps]. At ratio 1 (on-policy) its
-                  gradient is REINFORCE's, -A * grad log pi.
+    A_sum   = score - mean score of its siblings (same trace, same prompt): the decoupled summary
+              advantage; with A = 1 (no siblings), score - mean over the G traces at budget s
+    loss    = 1/Z sum_i max(-A_i ratio_i, -A_i clip(ratio_i, 1-eps, 1+eps))   PPO-clip, over the
+              trained tokens i; ratio_i = pi(i) / pi_old(i), Z = traces in the update x b_{S-1},
+              A_i = A[g,s] for a thinking token of segment s, A_sum for a summary's tokens
+    row     = one per trace: prompt, thinking, its S*A summary blocks; a summary attends to the
+              prompt, the thinking up to its cut, and itself (the mask: section 6)
+Tokens of segment s can only change the answers at budgets s and later, hence k >= s. V1
+predicts those answers from the ones the trace already gave, weighted 2^k: an answer at a later
+budget comes from a longer thought, so it is better evidence of where the trace stands now, and
+outweighs all earlier ones together. Early on, V1 rests on few answers and V2 is the better
+guess; late, the trace's own history is: hence the weights s/S and (S-s)/S. The paper shows this
+mix has a lower variance than either baseline alone (variance_diagnostics measures it). At ratio
+1 (on-policy) the loss's gradient is REINFORCE's, -A * grad log pi. sdpa and eager, Hugging
+Face's two attention implementations, both take the packed mask.
 
 Where this departs from the paper, which follows the authors' code (a verl fork,
 vLLM, 8 GPUs) where the two differ; the reasons are in docs/departures.md:
@@ -381,11 +373,11 @@ def rollout(model, tokenizer, prompts: list[str], budgets: list[int], num_traces
     #    with its trace's prompt + thinking[:cut]: those keys and values come from the
     #    thinking's cache (same tokens, same positions), only the insert is encoded.
     rows, owner, reused = [], [], []  # per summary row: its prompt, its trace, tokens shared with it
-    for b, g, shared, ids, n in jobs:
+    for b, g, shared, ids, cached in jobs:
         k = len(shared) * A
         rows += [ids] * k
         owner += [b * G + g] * k
-        reused += [n] * k
+        reused += [cached] * k
     sampled = generate(model, tokenizer, rows, summary_max_tokens, temperature, summary_batch_size,
                        stop_at_box=stop_at_box, prefix=(kv, owner, reused) if reuse_cache else None,
                        progress=progress)
@@ -497,19 +489,18 @@ def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None
     if prompt_index is None:
         return scores.mean(-1)
     _check_index(prompt_index, S)
-    A = scores.shape[-1]
-    sums = torch.zeros(scores.shape[:-1], dtype=scores.dtype).scatter_add_(
-        -1, prompt_index, scores.sum(-1))                                   # B,G,S
-    counts = torch.zeros_like(sums).scatter_add_(
-        -1, prompt_index, torch.full_like(sums, float(A)))                  # B,G,S
-    return (sums / counts.clamp(min=1)).gather(-1, prompt_index)
+    # scatter_add: slot k sums the scores and counts of every budget whose prompt is k; gather: each
+    # budget reads its prompt's slot. prompt_index [0, 1, 2, 2]: r[2] = r[3] = mean of all 2A scores
+    sums = torch.zeros(scores.shape[:-1], dtype=scores.dtype).scatter_add_(-1, prompt_index, scores.sum(-1))
+    counts = torch.zeros_like(sums).scatter_add_(-1, prompt_index, torch.full_like(sums, float(scores.shape[-1])))
+    return (sums / counts.clamp(min=1)).gather(-1, prompt_index)          # B,G,S
 
 
 def returns_to_go(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """R[g,s] = sum_{k>=s} p_k r[g,k].   scores: B,G,S;  prior: S  ->  B,G,S"""
     _check(("scores", scores, "B,G,S"), ("prior", prior, "S"))
     _check_prior(prior)
-    return (_floats(scores) * prior).flip(-1).cumsum(-1).flip(-1)
+    return (_floats(scores) * prior).flip(-1).cumsum(-1).flip(-1)  # cumsum from the right: sum over k >= s
 
 
 def v2_baseline(returns: torch.Tensor) -> torch.Tensor:
@@ -611,8 +602,8 @@ def summary_advantages(scores: torch.Tensor, method: str = "brpo",
     else:
         baseline = scores[..., 0].mean(1, keepdim=True)                  # B,1,S
     adv = scores - baseline.unsqueeze(-1)
-    if method == "grpo":
-        adv = adv * (torch.arange(scores.shape[2]) == scores.shape[2] - 1).to(adv.dtype)[:, None]
+    if method == "grpo":  # only the last budget's summaries learn; the others get 0 (not -0.)
+        adv[:, :, :-1] = 0.0
     return adv
 
 
@@ -675,8 +666,8 @@ def pack_trace(prompt: list[int], think: list[int], budgets: list[int], cuts: li
     P, L = len(prompt), len(think)
     ids, pos = prompt + think, list(range(P + L))
     prefix, start = list(range(1, P + L + 1)), list(range(1, P + L + 1))
-    # thinking token t lies in segment s iff b_{s-1} <= t < b_s (1-based: (b_{s-1}, b_s])
-    adv = [-1] * P + [bisect.bisect_right(budgets, t) for t in range(L)]
+    # the thinking's token j + 1 (j counts from 0) is in segment s iff b_{s-1} < j + 1 <= b_s
+    adv = [-1] * P + [bisect.bisect_right(budgets, j) for j in range(L)]
     for s in range(S):
         for a in range(A):
             block = inserts[s] + summaries[s][a]
@@ -792,7 +783,7 @@ def token_advantages(packed: Packed, thinking_adv: torch.Tensor,
            ("summary_adv", summary_adv, "N,S,A"), known=known)
     table = torch.cat([thinking_adv, summary_adv.flatten(1)], dim=1)        # N, S + S*A
     idx = packed.adv_index
-    return table.gather(1, idx.clamp(min=0)) * (idx >= 0)
+    return torch.where(idx >= 0, table.gather(1, idx.clamp(min=0)), 0.0)  # 0, not -0., where not trained
 
 
 # ----------------------------------------------------------------------------
@@ -950,17 +941,25 @@ class Preset:
 
 # The paper's runs. Its final-answer baseline, then AnytimeReasoner with three priors, then
 # its ablation: one ingredient at a time added to GRPO (linear prior; decoupled summaries
-# with A = 4; "vr", the BRPO variance-reduced baseline). The authors: 64 questions x 8
-# traces per step, lr 1e-6, temperature 1.0, evaluation at temperature 0.6.
+# with A = 4; "vr", the BRPO variance-reduced baseline); grpo+vr+decouple is ar-base (one run).
+# The authors: 64 questions x 8 traces per step, lr 1e-6, temperature 1.0, evaluation at 0.6.
 PRESETS = {
-    "grpo":             Preset(1, "grpo", 1, "base",    "grpo"),
-    "ar-uniform":       Preset(4, "brpo", 4, "uniform", "brpo"),
-    "ar-linear":        Preset(4, "brpo", 4, "linear",  "brpo"),
-    "ar-base":          Preset(4, "brpo", 4, "base",    "brpo"),
-    "grpo+linear":      Preset(1, "grpo", 4, "linear",  "grpo"),
-    "grpo+decouple":    Preset(4, "brpo", 4, "base",    "grpo"),
-    "grpo+vr":          Preset(1, "grpo", 4, "base",    "brpo"),
-    "grpo+vr+decouple": Preset(4, "brpo", 4, "base",    "brpo"),
+    "grpo":             Preset(num_summaries=1, summary_method="grpo", num_budgets=1,
+                               prior="base", thinking_method="grpo"),
+    "ar-uniform":       Preset(num_summaries=4, summary_method="brpo", num_budgets=4,
+                               prior="uniform", thinking_method="brpo"),
+    "ar-linear":        Preset(num_summaries=4, summary_method="brpo", num_budgets=4,
+                               prior="linear", thinking_method="brpo"),
+    "ar-base":          Preset(num_summaries=4, summary_method="brpo", num_budgets=4,
+                               prior="base", thinking_method="brpo"),
+    "grpo+linear":      Preset(num_summaries=1, summary_method="grpo", num_budgets=4,
+                               prior="linear", thinking_method="grpo"),
+    "grpo+decouple":    Preset(num_summaries=4, summary_method="brpo", num_budgets=4,
+                               prior="base", thinking_method="grpo"),
+    "grpo+vr":          Preset(num_summaries=1, summary_method="grpo", num_budgets=4,
+                               prior="base", thinking_method="brpo"),
+    "grpo+vr+decouple": Preset(num_summaries=4, summary_method="brpo", num_budgets=4,
+                               prior="base", thinking_method="brpo"),
 }
 
 

@@ -27,7 +27,7 @@ import torch
 
 import anytime_reasoner as ar
 import train_small as ts
-from experiments import ablation, demo
+from experiments import ablation
 from anytime_reasoner import answers_match, extract_answer
 
 # Long end-to-end checks run only with AR_LONG=1 (CI runs them after the README's command:
@@ -180,6 +180,7 @@ def test_summary_advantages_hand_worked():
     close(adv, expect, 8 * EPS)
     adv = ar.summary_advantages(scores, "grpo")  # only the last budget learns
     close(adv, expect * torch.tensor([0.0, 1.0])[:, None], 8 * EPS)
+    assert not adv[:, :, 0].signbit().any()       # 0, never -0. (printed as -0.000)
     # A = 1: baseline is the mean over the G traces at that budget
     one = torch.tensor([[[[1.0], [0.0]], [[0.0], [0.0]], [[1.0], [1.0]]]])  # G=3, S=2
     adv = ar.summary_advantages(one, "brpo")
@@ -243,7 +244,7 @@ def test_first_stop_on_ids(think_end):
 
 def test_first_stop_on_text_with_other_merges():
     """Qwen2.5 writes </think> as several tokens; a trace may end it with a merged '>\n\n'."""
-    tok = demo.tiny_tokenizer(think_end_special=False)
+    tok = ts.tiny_tokenizer(think_end_special=False)
     tok.add_tokens([">\n\n"])
     canonical = ar.encode(tok, ar.THINK_END)
     merged = ar.encode(tok, "12</think") + tok.convert_tokens_to_ids([">\n\n"]) + ar.encode(tok, "34")
@@ -276,8 +277,8 @@ def test_pack_trace_layout_and_mask():
 
 @pytest.fixture(scope="module", params=[True, False], ids=["think-1-token", "think-8-tokens"])
 def tiny(request):
-    tok = demo.tiny_tokenizer(think_end_special=request.param)
-    model = demo.tiny_model(tok, hidden=64, layers=2, seed=0).eval()
+    tok = ts.tiny_tokenizer(think_end_special=request.param)
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=0).eval()
     torch.manual_seed(0)
     prompts = ["a>d\n<think>\n", "what is 2+3?\n<think>\n"]
     ro = ar.rollout(model, tok, prompts, [6, 12, 18], num_traces=3, num_summaries=2,
@@ -316,8 +317,8 @@ def test_rollout_structure(tiny):
 def test_rollout_closes_on_think_end_and_pools():
     """A scripted model thinks "12345</think>" (13 tokens, </think> as 8 characters) and then
     answers with EOS: budgets past the close share one prompt with no ellipsis."""
-    tok = demo.tiny_tokenizer(think_end_special=False)
-    model = demo.tiny_model(tok, hidden=32, layers=1).eval()
+    tok = ts.tiny_tokenizer(think_end_special=False)
+    model = ts.tiny_model(tok, hidden=32, layers=1).eval()
     prompt = "q\n<think>\n"
     P, script = len(ar.encode(tok, prompt)), ar.encode(tok, "12345" + ar.THINK_END)
     state = {}
@@ -363,8 +364,8 @@ def test_rollout_closes_on_think_end_and_pools():
 def test_generate_shares_identical_rows_exactly():
     """Identical rows are encoded once and their KV cache copied: greedy outputs must equal
     those of generating each sequence alone."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=64, layers=2, seed=3).eval()
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=3).eval()
     x, y = ar.encode(tok, "abc>d\n<think>\n"), ar.encode(tok, "q\n<think>\n12")
     together = ar.generate(model, tok, [x, y, x, x, y], 10, temperature=0.0, batch_size=8)
     alone = [ar.generate(model, tok, [s], 10, temperature=0.0, batch_size=1)[0] for s in (x, y)]
@@ -381,8 +382,8 @@ def test_summaries_on_the_thinking_cache_equal_re_encoded(special, G, A):
     early (its budgets collapse), one that ends in EOS (later cuts hold it) and one that
     runs to the last budget; several thinking and summary batches, with rows that share
     a prompt (G traces, k*A summaries: encoded once, then copied) and without."""
-    tok = demo.tiny_tokenizer(think_end_special=special)
-    model = demo.tiny_model(tok, hidden=64, layers=2, seed=1).eval()
+    tok = ts.tiny_tokenizer(think_end_special=special)
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=1).eval()
     with torch.no_grad():  # weights 10x the usual init: summaries that depend on every cached key
         for p in model.parameters():
             if p.dim() == 2:
@@ -440,7 +441,7 @@ def test_summaries_on_the_thinking_cache_equal_re_encoded(special, G, A):
 
 
 def test_think_end_stop_decodes_only_rows_that_may_close(monkeypatch):
-    tok = demo.tiny_tokenizer(think_end_special=False)
+    tok = ts.tiny_tokenizer(think_end_special=False)
     stop = ar._ThinkEndStop(tok, ar.encode(tok, ar.THINK_END), prompt_len=2)
     rows = ["q\nab</think>", "q\n</think>ab", "q\nabcdefg>hi", "q\nabcdefghi>"]
     decoded, decode = [], tok.decode
@@ -666,8 +667,8 @@ def test_rl_step_rolls_out_with_the_stop_at_box_flag(monkeypatch, stop_at_box):
     """--stop-at-box reaches the training rollout (summaries stop at their first closed box),
     and its absence too (summaries run to EOS), whatever rollout()'s own default."""
     import dataclasses
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
     args = dataclasses.replace(_step_args("ar-uniform"), stop_at_box=stop_at_box)
     rollouts = Recorder(ar.rollout)
     monkeypatch.setattr(ar, "rollout", rollouts)
@@ -690,9 +691,9 @@ def test_two_updates_follow_the_ppo_schedule(monkeypatch, preset, kl_coef):
     frozen start is after some steps), never to the policy. The step's logged reward is the mean
     of all its scores, its gradient norm the mean of the two updates' norms before clipping.
     grpo+decouple: GRPO advantages for the thinking, the decoupled ones for the summaries."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1, seed=6)
-    ref_model = demo.tiny_model(tok, hidden=32, layers=1, seed=9) if kl_coef else None
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=6)
+    ref_model = ts.tiny_model(tok, hidden=32, layers=1, seed=9) if kl_coef else None
     args = _step_args(preset, updates_per_rollout=2, temperature=0.7, micro_batch=2, traces=3, kl_coef=kl_coef)
     thinking_method, summary_method = {"ar-uniform": ("brpo", "brpo"), "grpo+decouple": ("grpo", "brpo")}[preset]
     rollouts, scored = Recorder(ar.rollout), Recorder(lambda ro, truths: torch.rand(2, 3, 4, 4).round())
@@ -1074,6 +1075,8 @@ def test_the_worked_example_prints_the_library_s_numbers(tmp_path):
         packed.prefix_len, packed.block_start)[0, 0].tolist()]
     assert mask[12] == "x" * 6 + "." * 6 + "x" + "." * 27        # budget 4's first summary: Q, <think>, t1-t4, itself
     assert r.stdout.strip().splitlines()[-1].startswith("wrote ") and list(tmp_path.glob("trace3.*"))
+    doc = Path(HERE, "docs", "worked-example.md").read_text().split("```text\n")[1].split("```")[0]
+    assert r.stdout.rsplit("\nwrote ", 1)[0] + "\n" == doc      # the page shows the printout as it is
 
 
 def test_every_relative_link_of_the_docs_resolves():
@@ -1203,7 +1206,7 @@ def _context_model(tok, seed=0):
     """A tiny random model with large weights (std 0.2), so that its greedy choices vary with the
     whole context, made to write `</think>` at absolute position 12 and EOS at 17: prompts of
     5, 14 and 19 tokens then give a closed trace, an EOS-ended one and one that runs out."""
-    model = demo.tiny_model(tok, hidden=64, layers=2, seed=seed).eval()
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=seed).eval()
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -1226,7 +1229,7 @@ def test_summaries_are_trained_in_the_context_they_were_sampled_from():
     loss uses): every trained token must be the argmax of its training-time logits. Any change of
     context between sampling and training (a dropped or wrong insert, another cut, shifted
     positions) changes the logits of this model and breaks that."""
-    tok = demo.tiny_tokenizer()
+    tok = ts.tiny_tokenizer()
     model = _context_model(tok)
     prompts = ["ab\n<think>\n", "abcdefghijk\n<think>\n", "what is 2+3? xyz\n<think>\n"]
     assert [len(ar.encode(tok, p)) for p in prompts] == [5, 14, 19]
@@ -1250,7 +1253,7 @@ def test_summaries_are_trained_in_the_context_they_were_sampled_from():
 def _scripted_model(tok, prompt, think, summary):
     """A tiny model forced (by position) to think `think` and then, after the closed insert, to
     write `summary`: the text of a real trace, with no randomness."""
-    model = demo.tiny_model(tok, hidden=32, layers=1).eval()
+    model = ts.tiny_model(tok, hidden=32, layers=1).eval()
     P, think = len(ar.encode(tok, prompt)), ar.encode(tok, think)
     start = P + len(think) + len(ar.encode(tok, ar.CLOSED_INSERT))
     script = {P + k: t for k, t in enumerate(think)}
@@ -1276,7 +1279,7 @@ def test_summaries_run_to_eos_by_default(summary, truth, default, at_box):
     paragraph and sees a `</think>` written after it; the EOS is part of the summary (trained).
     stop_at_box=True is the opt-in shortcut that stops at the first closed box; rollout() and
     evaluate() default to running to EOS."""
-    tok = demo.tiny_tokenizer()
+    tok = ts.tiny_tokenizer()
     prompt = "q\n<think>\n"
     model = _scripted_model(tok, prompt, "12" + ar.THINK_END, summary)
     for stop_at_box, expect in ((None, default), (False, default), (True, at_box)):
@@ -1327,8 +1330,8 @@ def test_rl_step_pushes_the_rewarded_trace_up(preset, monkeypatch):
     """Scripted reward: only trace g = 1 of question 0 scores 1, at every budget. One update
     (plain SGD, small step: first order) must raise that trace's log-prob more than any other's
     and lower the others of its group. Catches advantages sent to the wrong rows (g*B + b)."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=64, layers=2, seed=1)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=1)
     args = _step_args(preset, traces=3)
     rollouts = Recorder(ar.rollout)
     monkeypatch.setattr(ar, "rollout", rollouts)
@@ -1353,8 +1356,8 @@ def test_two_updates_per_rollout(monkeypatch):
     """The authors' PPO schedule: the old log-probs are computed once, before the first update, at
     the rollout temperature; update 1 is on-policy (ratio 1), update 2 sees the moved policy
     (ratio != 1) and a large step makes the clip fire, which the step log reports."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=64, layers=2, seed=2)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=2)
     args = _step_args("ar-uniform", updates_per_rollout=2, temperature=0.7)
     rollouts, losses = Recorder(ar.rollout), Recorder(ar.policy_loss)
     monkeypatch.setattr(ar, "rollout", rollouts)
@@ -1385,8 +1388,8 @@ def test_two_updates_per_rollout(monkeypatch):
 def test_rl_step_reports_where_its_time_went(monkeypatch):
     """The step's time split: thinking and summary generation (timed in rollout), scoring, updates.
     The thinking's generate() call is made to sleep 1 s: that second must show up as thinking."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1, seed=3)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
     args = _step_args("ar-uniform")
     generate = ar.generate
 
@@ -1408,8 +1411,8 @@ def test_rl_step_reports_where_its_time_went(monkeypatch):
 
 
 def test_one_update_per_rollout_is_on_policy(monkeypatch):
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1, seed=3)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
     args = _step_args("grpo", updates_per_rollout=1)
     losses = Recorder(ar.policy_loss)
     monkeypatch.setattr(ar, "policy_loss", losses)
@@ -1424,8 +1427,8 @@ def test_one_update_per_rollout_is_on_policy(monkeypatch):
 def test_training_raises_the_rewarded_behaviour(preset, monkeypatch):
     """End to end: reward = 1 when the first thinking token has an even id. A few rl_steps must
     raise P(first thinking token even | prompt), computed exactly from the model's logits."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=64, layers=2, seed=4)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=64, layers=2, seed=4)
     # 4 thinking tokens (budgets 1..4 for ar-uniform): the first token is a whole segment
     args = _step_args(preset, traces=8, updates_per_rollout=1, max_think=4, micro_batch=16)
     prompts = ["ab\n<think>\n", "cd\n<think>\n"]
@@ -1522,7 +1525,7 @@ def test_completion_reward_warns_once_when_think_end_was_decoded_away(monkeypatc
     zero rewards. completion_reward says so, once per process, with the fix, and the fix works:
     the token ids decoded with </think> kept score as they should."""
     import warnings
-    tok = demo.tiny_tokenizer(think_end_special=True)
+    tok = ts.tiny_tokenizer(think_end_special=True)
     texts = ["1e2f</think>\n\n**Final Answer**\n\\boxed{2}", "1e</think>\n\n**Final Answer**\n\\boxed{5}"]
     ids = [tok.encode(t, add_special_tokens=False) for t in texts]
     as_trl = tok.batch_decode(ids, skip_special_tokens=True)             # what GRPOTrainer hands over
@@ -2042,8 +2045,8 @@ def wait_for(proc, prefix: str):
 
 def tiny_model_dir(tmp_path) -> str:
     model_dir = tmp_path / "tiny"
-    tok = demo.tiny_tokenizer()
-    demo.tiny_model(tok, hidden=32, layers=1).save_pretrained(model_dir)
+    tok = ts.tiny_tokenizer()
+    ts.tiny_model(tok, hidden=32, layers=1).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     return str(model_dir)
 
@@ -2112,8 +2115,8 @@ def test_evaluation_has_its_own_stream_and_leaves_training_s_alone(monkeypatch):
     """evaluate_model samples at --eval-temperature (not training's), from a stream of its own
     (the same result whatever the training stream was before), and leaves the training stream
     where it was, as if it had not run. Its grid: every --eval-grid tokens, then --max-think."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1, seed=3)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=3)
     args = _step_args("ar-uniform", eval_temperature=0.9, temperature=1.0)
     evaluations = Recorder(ar.evaluate)
     monkeypatch.setattr(ar, "evaluate", evaluations)
@@ -2136,8 +2139,8 @@ def test_resume_keeps_its_algorithm_unless_a_preset_is_given(tmp_path):
     """--resume of an ar-linear run (A = 4, linear prior, BRPO, 4 budgets) keeps those settings;
     --resume --preset grpo takes all of grpo's instead (A = 1, base prior, GRPO, the largest
     budget only), not just its name; a flag given beside it wins over both."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
     saved = ts.parse_args(["--preset", "ar-linear", "--max-think", "16", "--out-dir", str(tmp_path)])
     ts.save_checkpoint(str(tmp_path / "ckpt"), model, tok, torch.optim.AdamW(model.parameters()), 1, 2, saved)
     settings = lambda a: (a.preset, a.num_summaries, a.prior, a.thinking_method, a.summary_method, a.budgets)
@@ -2153,9 +2156,9 @@ def test_a_resumed_run_compares_with_its_step_0_evaluation(tmp_path):
     rows = [{"step": s, "budgets": [12], "accuracy": [a], "anytime_score": a, "mean_think_len": 9.0}
             for s, a in ((0, 0.25), (2, 0.5))]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tok = demo.tiny_tokenizer()
+    tok = ts.tiny_tokenizer()
     args = _step_args("ar-uniform", steps=2, out_dir=str(tmp_path))
-    first, last = ts.train(args, demo.tiny_model(tok, hidden=32, layers=1), tok, [], [], str, torch.device("cpu"),
+    first, last = ts.train(args, ts.tiny_model(tok, hidden=32, layers=1), tok, [], [], str, torch.device("cpu"),
                            start_step=2)
     assert first["anytime_score"] == 0.25 and last is None
 
@@ -2163,8 +2166,8 @@ def test_a_resumed_run_compares_with_its_step_0_evaluation(tmp_path):
 def test_evaluate_samples_at_0_6_unless_told(monkeypatch):
     """ar.evaluate's default temperature is the paper's 0.6: every sequence it generates, the
     thinking and the summaries, is sampled at 0.6 unless another temperature is asked for."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1, seed=4)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1, seed=4)
     prompts, truths = [ar.format_prompt(tok, q) for q in ("ab", "cd")], ["1", "2"]
     generate = ar.generate
     for kw, want in (({}, 0.6), ({"temperature": 1.0}, 1.0)):
@@ -2180,8 +2183,8 @@ def test_the_demo_s_other_runs_take_their_own_preset():
     another preset: its prior, methods, A and budgets, not the first run's (values by hand)."""
     first = ts.parse_args(["--demo", "--preset", "ar-linear"])
     settings = lambda a: (a.preset, a.num_summaries, a.prior, a.thinking_method, a.summary_method, a.budgets)
-    assert settings(demo.preset_args(first, "grpo")) == ("grpo", 1, "base", "grpo", "grpo", [24])
-    assert settings(demo.preset_args(first, "grpo+vr")) == ("grpo+vr", 1, "base", "brpo", "grpo", [6, 12, 18, 24])
+    assert settings(ts.preset_args(first, "grpo")) == ("grpo", 1, "base", "grpo", "grpo", [24])
+    assert settings(ts.preset_args(first, "grpo+vr")) == ("grpo+vr", 1, "base", "brpo", "grpo", [6, 12, 18, 24])
 
 
 def test_training_trains_on_train_and_evaluates_on_test(tmp_path, monkeypatch):
@@ -2489,7 +2492,7 @@ def test_the_demo_s_threads_are_chosen_from_the_load_and_said(monkeypatch, capsy
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     for load, threads, n in ((0.2, 0, 2), (1.0, 0, 1), (3.5, 0, 1), (0.0, 1, 1), (3.0, 2, 2)):
         monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-        said = demo.cpu_threads(threads)
+        said = ts.cpu_threads(threads)
         assert set_to[-1] == n and said.startswith(f"{n} CPU thread") and "1 and 2 give the same result" in said
         assert ("busy" in said) == (threads == 0 and n == 1) and ("--threads" in said) == (threads > 0)
     assert ts.parse_args(["--demo"]).threads == 0
@@ -2530,8 +2533,8 @@ def test_demo_ctrl_c_reruns_afresh_and_never_offers_a_real_run(tmp_path, capsys)
     assert "python train_small.py --demo" in out and "--resume" not in out
     assert "Ctrl-C: stopping after this step (the demo does not resume)" in out and "saving" not in out
     assert not list((tmp_path / "partial").glob("ckpt*"))
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
     ts.save_checkpoint(str(tmp_path / "ckpt"), model, tok, torch.optim.AdamW(model.parameters()), 1, 2,
                        ts.parse_args(["--demo"]))   # a demo's checkpoint, as the finished demo keeps
     err = exits_with_one_line(["--resume", str(tmp_path / "ckpt")], capsys)
@@ -2623,7 +2626,7 @@ def test_warm_up_is_reused_only_when_complete(tmp_path, monkeypatch, capsys):
     crashed midway is never reused, a complete one always is."""
     from transformers import PreTrainedModel
     args = ts.parse_args(["--demo", "--warmup-steps", "1"])
-    tok, path = demo.tiny_tokenizer(), tmp_path / "warmup-seed0-1steps"
+    tok, path = ts.tiny_tokenizer(), tmp_path / "warmup-seed0-1steps"
     save = PreTrainedModel.save_pretrained
 
     def crash_midway(self, folder, **kw):
@@ -2631,14 +2634,22 @@ def test_warm_up_is_reused_only_when_complete(tmp_path, monkeypatch, capsys):
         raise KeyboardInterrupt("killed while saving")
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash_midway)
     with pytest.raises(KeyboardInterrupt):
-        demo.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path))
+        ts.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path))
     monkeypatch.undo()
     assert not path.exists()                       # the half-saved one is not where the demo looks
-    assert demo.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
+    assert ts.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
     assert "tiny model" in capsys.readouterr().out and (path / "config.json").is_file()
     assert not Path(str(path) + ".tmp").exists()
-    assert demo.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
+    assert ts.warmed_up_model(args, tok, torch.device("cpu"), str(tmp_path)) == str(path)
     assert "using the warmed-up model" in capsys.readouterr().out
+
+
+def test_the_training_script_imports_nothing_from_experiments():
+    """experiments/ builds on train_small.py, never the reverse: the demo lives in train_small.py, no loop."""
+    tree = ast.parse(Path(HERE, "train_small.py").read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert "anytime_reasoner" in imported and not [m for m in imported if m.split(".")[0] == "experiments"]
 
 
 def test_ablation_flags(capsys):
@@ -2648,6 +2659,9 @@ def test_ablation_flags(capsys):
     assert ablation.parse_args(["--out-dir", "x", "--seeds", "5", "--lr", "0.1"])[0:2] == \
         (ts.parse_args(["--demo", "--out-dir", "x", "--lr", "0.1"]), 5)
     assert set(ablation.ABLATION) == set(ar.PRESETS) and len(ablation.ABLATION) == len(ar.PRESETS)
+    labels = ablation.same_runs(["before", *ablation.ABLATION])   # the figure draws one run once
+    assert labels["grpo+vr+decouple"] == "grpo+vr+decouple = ar-base (same run)" and labels["ar-base"] == ""
+    assert sum(bool(x) for x in labels.values()) == 8 and labels["before"] == "before"
     parse = lambda argv: ablation.parse_args(argv)[0]
     for flag in (["--prior", "linear"], ["--preset", "grpo"], ["--budgets=8,16"], ["--eval-every", "5"]):
         assert "runs every preset as it is" in exits_with_one_line(flag, capsys, parse)
@@ -2823,7 +2837,7 @@ def test_eval_only_draws_the_curve_of_a_model_or_a_checkpoint(tmp_path, capsys):
     `\\boxed{71}` then EOS (5 tokens), and each summary writes the same box. Test questions 1-3
     have answers 4, 71, 6250. At budgets 2, 4, 6 (--max-think 6, --eval-grid 2) a budget scores 0
     once its cut holds the EOS, so by hand: A = [1/3, 0, 0], B = [1/3, 1/3, 0]."""
-    tok = demo.tiny_tokenizer()
+    tok = ts.tiny_tokenizer()
     data = gsm8k_dir(tmp_path)
     a_dir = tmp_path / "model-a"
     chain_model(tok, "\\boxed{4}").save_pretrained(a_dir)
@@ -2903,8 +2917,8 @@ def test_torn_log_line_is_dropped_and_said(tmp_path, capsys):
 def test_checkpoint_survives_a_crash_while_saving(tmp_path, monkeypatch, capsys):
     """A crash between the renames of save_checkpoint leaves ckpt.old and ckpt.tmp but no ckpt:
     --resume ckpt takes the newest back and says so."""
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
     opt = torch.optim.AdamW(model.parameters())
     args = ts.parse_args(["--out-dir", str(tmp_path)])
     ckpt = str(tmp_path / "ckpt")
@@ -2983,7 +2997,7 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
 
 
 def test_format_prompt_opens_thinking_once():
-    tok = demo.tiny_tokenizer()
+    tok = ts.tiny_tokenizer()
     assert ar.format_prompt(tok, "2+2?").endswith("\n<think>\n")           # no chat template
     tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                          "<|im_end|>\n{% endfor %}{{ '<|im_start|>assistant\\n' }}")  # Qwen2.5 / Qwen3 style
@@ -3192,8 +3206,8 @@ def test_the_readme_torchrun_commands_are_valid(tmp_path, monkeypatch):
     train_small.py's checks for that many processes (the CPU one is run by the test above)."""
     from torch.distributed.run import parse_args as torchrun_args
     monkeypatch.chdir(tmp_path)     # for `--resume out/ckpt`: a checkpoint there
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
     ts.save_checkpoint("out/ckpt", model, tok, torch.optim.AdamW(model.parameters()), 1, 16, ts.parse_args([]))
     commands = readme_torchrun_commands()
     assert len(commands) == 5 and any("cpu" in c for c in commands) and any("--fsdp" in c for c in commands)
@@ -3224,17 +3238,17 @@ def test_train_weights_the_budgets_by_the_preset_s_prior(tmp_path, monkeypatch, 
     folder with an earlier run's logs starts both logs afresh."""
     priors = []
     _train_without_a_model(monkeypatch, lambda args, prior: priors.append(prior))
-    tok = demo.tiny_tokenizer()
+    tok = ts.tiny_tokenizer()
     args = _step_args(preset, steps=1, out_dir=str(tmp_path))
     assert args.budgets == [3, 6, 9, 12]
-    train_set, eval_set = demo.demo_data(args)
+    train_set, eval_set = ts.demo_data(args)
     for name in ("metrics.jsonl", "eval.jsonl"):     # an earlier run's logs: a fresh run starts them afresh
         (tmp_path / name).write_text('{"step": 7}\n')
-    ts.train(args, demo.tiny_model(tok, hidden=32, layers=1), tok, train_set, eval_set, str, torch.device("cpu"))
+    ts.train(args, ts.tiny_model(tok, hidden=32, layers=1), tok, train_set, eval_set, str, torch.device("cpu"))
     assert len(priors) == 1 and close(priors[0], prior, 4 * EPS)   # float32: an exact sum, one division
     assert [r["step"] for r in jsonl_rows(tmp_path / "metrics.jsonl")] == [1]
     assert [r["step"] for r in jsonl_rows(tmp_path / "eval.jsonl")] == [0, 1]
-    other_train, other_eval = demo.demo_data(dataclasses.replace(args, seed=args.seed + 1))
+    other_train, other_eval = ts.demo_data(dataclasses.replace(args, seed=args.seed + 1))
     assert other_eval == eval_set and other_train[:50] != train_set[:50]
 
 
@@ -3247,8 +3261,8 @@ def test_each_rank_samples_from_its_own_stream_of_seed_and_step(tmp_path, monkey
         (ts.RANK, len([d for d in draws if d[0] == ts.RANK]), torch.rand(4))))
     monkeypatch.setattr(ts, "any_rank", lambda flag: flag)   # no process group: one process plays each rank
     monkeypatch.setattr(ts, "WORLD", 2)
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
     data = [{"question": f"q{i}", "answer": "1"} for i in range(8)]
     args = _step_args("ar-uniform", steps=3, out_dir=str(tmp_path))
     for rank, start, before in ((0, 0, 1), (1, 0, 1), (0, 1, 2)):   # the last: rank 0 resumed at step 1
@@ -3388,7 +3402,7 @@ def test_a_stopped_ablation_run_says_the_ablation_s_advice(tmp_path, monkeypatch
     _train_without_a_model(monkeypatch, lambda args, prior: os.kill(os.getpid(), signal.SIGINT))
     start = tiny_model_dir(tmp_path)
     args = _step_args("ar-uniform", steps=5, out_dir=str(tmp_path / "abl"))
-    tok = demo.tiny_tokenizer()
+    tok = ts.tiny_tokenizer()
     with pytest.raises(SystemExit) as e:
         ablation.ablation_run(args, "grpo", start, str(tmp_path / "abl"), [{"question": "a>c", "answer": "2"}] * 4,
                               [{"question": "a>c", "answer": "2"}], tok, torch.device("cpu"))
@@ -3407,8 +3421,8 @@ def test_the_demo_s_advice_is_a_command_that_works(tmp_path, monkeypatch, capsys
     (tmp_path / "out-demo").mkdir()
     (tmp_path / "out-demo" / "demo_results.json").write_text("{}")
     assert ts.demo_command("out-demo") == "python train_small.py --demo --overwrite"
-    tok = demo.tiny_tokenizer()
-    model = demo.tiny_model(tok, hidden=32, layers=1)
+    tok = ts.tiny_tokenizer()
+    model = ts.tiny_model(tok, hidden=32, layers=1)
     ts.save_checkpoint(str(tmp_path / "out-demo" / "ckpt-grpo"), model, tok, torch.optim.AdamW(model.parameters()),
                        1, 2, ts.parse_args(["--demo"]))
     err = exits_with_one_line(["--resume", "out-demo/ckpt-grpo"], capsys)
@@ -3416,7 +3430,7 @@ def test_the_demo_s_advice_is_a_command_that_works(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(os, "getloadavg", lambda: (0.45, 0.45, 0.45))   # the load the message compares
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    assert "load 0.45 < 0.5 = 2 cores - 1.5" in demo.cpu_threads(0)
+    assert "load 0.45 < 0.5 = 2 cores - 1.5" in ts.cpu_threads(0)
 
 
 @pytest.mark.parametrize("crash_after", range(12))
@@ -3442,7 +3456,7 @@ def test_publishing_a_demo_never_leaves_a_folder_that_claims_a_finished_demo_wit
         replace(a, b)
     monkeypatch.setattr(os, "replace", replace_then_die)
     try:
-        demo.publish_demo(str(staging), str(out))
+        ts.publish_demo(str(staging), str(out))
     except KeyboardInterrupt:
         pass
     here = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}

@@ -10,7 +10,8 @@ is evaluated once, after its last step. Then one table (ablation_table.md), the 
 (ablation_results.json) and two figures: accuracy against budget per preset, and the
 variance of the thinking advantage, Var[R - V] / Var[R], for V = V1, V2 and BRPO. A finished
 run keeps its folder (seedN/preset/, result.json written last) and is not redone when the
-ablation runs again. Any flag of `train_small.py --demo` may be given (--steps, --lr, ...),
+ablation runs again: on a finished folder the same command only redraws the table and figures.
+Any flag of `train_small.py --demo` may be given (--steps, --lr, ...),
 but not those that change a preset. Results and how to read them: docs/ablation.md.
 """
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 import anytime_reasoner as ar  # noqa: E402
 import train_small as ts  # noqa: E402
-from experiments import demo  # noqa: E402
 from train_small import Args, die  # noqa: E402
 
 # The paper's runs in the order of its argument: GRPO, each ingredient added to it, then
@@ -58,7 +58,7 @@ def variance_on_rollouts(model, tokenizer, eval_set: list[dict], args: Args) -> 
     model.eval()
     with torch.random.fork_rng(), torch.no_grad():  # its own random stream, as the evaluations
         torch.manual_seed(args.seed + 54321)
-        ro = ar.rollout(model, tokenizer, [demo.demo_prompt(q["question"]) for q in questions], budgets,
+        ro = ar.rollout(model, tokenizer, [ts.demo_prompt(q["question"]) for q in questions], budgets,
                         VARIANCE_TRACES, 4, args.temperature, args.summary_max_tokens, args.think_batch,
                         args.summary_batch)
     r = ar.pooled_scores(ar.score_rollout(ro, [q["answer"] for q in questions]), ro.prompt_index)  # B,G,S
@@ -78,7 +78,7 @@ def ablation_run(args: Args, name: str, start: str, folder: str, train_set, eval
     run_dir = os.path.join(folder, name)
     if os.path.isdir(run_dir):  # stopped midway: runs do not resume, start it again
         shutil.rmtree(run_dir)
-    run_args = Args(**{**asdict(demo.preset_args(args, name)), "out_dir": run_dir, "eval_every": args.steps})
+    run_args = Args(**{**asdict(ts.preset_args(args, name)), "out_dir": run_dir, "eval_every": args.steps})
     ts.seed_everything(args.seed)
     with ts.no_hf_bars():
         model = AutoModelForCausalLM.from_pretrained(start).to(device)
@@ -86,7 +86,7 @@ def ablation_run(args: Args, name: str, start: str, folder: str, train_set, eval
           f"A={run_args.num_summaries}, prior {run_args.prior}, thinking {run_args.thinking_method}, "
           f"summary {run_args.summary_method}", flush=True)
     wall, cpu = time.time(), time.process_time()
-    before, after = ts.train(run_args, model, tokenizer, train_set, eval_set, demo.demo_prompt, device,
+    before, after = ts.train(run_args, model, tokenizer, train_set, eval_set, ts.demo_prompt, device,
                              stop_hint="this run starts afresh when the ablation runs again")
     wall, cpu = time.time() - wall, time.process_time() - cpu
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -156,11 +156,23 @@ def ablation_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def same_runs(names) -> dict[str, str]:
+    """Each name -> its label: presets with the same settings are one run, named together
+    ("grpo+vr+decouple = ar-base"); the first of them keeps the label, the others get ""."""
+    groups = {}
+    for name in names:
+        groups.setdefault(ar.PRESETS.get(name, name), []).append(name)
+    return {name: " = ".join(g) + " (same run)" * (len(g) > 1) if name == g[0] else ""
+            for g in groups.values() for name in g}
+
+
 def plot_ablation(summary: dict, folder: str, title: str) -> list[str]:
-    """ablation_curves (accuracy against budget per preset, seeds' mean) and ablation_variance
-    (Var[R - V] / Var[R] per budget, seeds' mean with min-max bars): PNGs with matplotlib, else
-    text charts. Returns the paths written."""
+    """ablation_curves (accuracy against budget: GRPO plus each ingredient, and AnytimeReasoner with each
+    prior; seeds' mean) and ablation_variance (Var[R - V] / Var[R] per budget, seeds' mean with min-max
+    bars): PNGs with matplotlib, else text charts. Presets with the same settings are drawn once, named
+    together. Returns the paths written."""
     table, variance = summary["table"], summary["variance"]
+    label, seeds = same_runs(table), table["before"]["seeds"]
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -169,16 +181,18 @@ def plot_ablation(summary: dict, folder: str, title: str) -> list[str]:
         width = 40
         lines = [title, "(a text chart; pip install matplotlib for a PNG)"]
         for name, t in table.items():
-            lines.append(f"{name} (anytime {t['anytime_score']:.3f})")
-            lines += [f"  {b:>6} |{'#' * round(a * width):<{width}}| {a:.3f}" for b, a in zip(t["budgets"], t["accuracy"])]
+            if label[name]:
+                lines.append(f"{label[name]} (anytime {t['anytime_score']:.3f})")
+                lines += [f"  {b:>6} |{'#' * round(a * width):<{width}}| {a:.3f}"
+                          for b, a in zip(t["budgets"], t["accuracy"])]
         curves = os.path.join(folder, "ablation_curves.txt")
         with open(curves, "w") as f:
             f.write("\n".join(lines) + "\n")
         lines = [f"Var[R - V] / Var[R] per budget (mean over seeds; {VARIANCE_TRACES} traces per question; "
                  "bars end at 1.5)",
                  "(a text chart; pip install matplotlib for a PNG)"]
-        for label, v in variance.items():
-            lines.append(label)
+        for name, v in variance.items():
+            lines.append(name)
             for i, b in enumerate(v["budgets"]):  # budget by budget, the three baselines side by side
                 lines += [f"  {b:>4} {k:>4} |{'#' * round(min(v[k]['mean'][i], 1.5) * width):<{round(1.5 * width)}}| "
                           f"{v[k]['mean'][i]:.3f}" for k in ("v1", "v2", "brpo") if v[k]["mean"][i] is not None]
@@ -186,39 +200,76 @@ def plot_ablation(summary: dict, folder: str, title: str) -> list[str]:
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
         return [curves, path]
-    plt.figure(figsize=(7, 4.5))
-    plt.title(title.replace(": ", ":\n", 1), fontsize=9)
-    for name, t in table.items():
-        style = ":" if name == "before" else "--" if name.startswith("grpo") else "-"
-        plt.plot(t["budgets"], t["accuracy"], style, marker="o", markersize=3,
-                 label=f"{name} ({t['anytime_score']:.3f}, {t['min']:.3f}–{t['max']:.3f})")
-    plt.xlabel("thinking budget (tokens)")
-    plt.ylabel("accuracy (mean over seeds)")
-    plt.legend(fontsize=7, title="anytime score: mean, min–max", title_fontsize=7)
-    plt.grid(alpha=0.3)
-    plt.tight_layout()
+    plt.rcParams.update({"font.size": 12})
+    # two panels, the paper's two questions: what each ingredient adds to GRPO, and which prior is best
+    panels = {"GRPO plus one ingredient": [n for n in table if n in ("before", "grpo") or n.startswith("grpo+")],
+              "AnytimeReasoner with each prior": [n for n in table if n in ("before", "grpo") or n.startswith("ar-")]}
+    firsts = [n for n in table if label[n]]                              # one colour, marker per run
+    colours = ["0.2"] + [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # not tab10's grey
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 7), sharey=True)
+    for ax, (panel, names) in zip(axes, panels.items()):
+        for name in names:
+            t = table[name]
+            run = next(m for m in firsts if name in label[m].split(" (")[0].split(" = "))
+            k = firsts.index(run)
+            style = ":" if name == "before" else ["-", "--", "-."][k % 3]
+            ax.plot(t["budgets"], t["accuracy"], style, marker="os^Dv<>p*"[k % 9], color=colours[k % len(colours)],
+                    markersize=6, lw=3.5 if style == "-" else 2, zorder=2 if style == "-" else 3,  # both show
+                    label=f"{label[run]}: {t['anytime_score']:.3f} ({t['min']:.3f}–{t['max']:.3f})")
+        ax.set_title(panel)
+        ax.set_xlabel("thinking budget (tokens)")
+        ax.set_xticks(table["before"]["budgets"])
+        ax.set_ylabel(f"accuracy (mean over {seeds} seeds)")
+        ax.tick_params(labelleft=True)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False,
+                  title=f"anytime score: mean (min–max over {seeds} seeds)")
+    fig.suptitle(title.replace(": ", ":\n", 1))
+    fig.tight_layout()
     curves = os.path.join(folder, "ablation_curves.png")
-    plt.savefig(curves, dpi=100)
-    plt.close()
-    fig, axes = plt.subplots(1, len(variance), figsize=(3.5 * len(variance), 3.5), squeeze=False)
-    for ax, (label, v) in zip(axes[0], variance.items()):
-        for k, name in (("v1", "V1"), ("v2", "V2"), ("brpo", "BRPO")):
+    fig.savefig(curves, dpi=100)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(variance), figsize=(6.25 * len(variance), 5.5), sharey=True, squeeze=False)
+    for ax, (name, v) in zip(axes[0], variance.items()):
+        for k, baseline in (("v1", "V1"), ("v2", "V2"), ("brpo", "BRPO")):
             keep = [i for i, m in enumerate(v[k]["mean"]) if m is not None]
             m = [v[k]["mean"][i] for i in keep]
             err = [[max(0, m[j] - v[k]["min"][i]) for j, i in enumerate(keep)],  # the mean is rounded
                    [max(0, v[k]["max"][i] - m[j]) for j, i in enumerate(keep)]]
-            ax.errorbar([v["budgets"][i] for i in keep], m, yerr=err, marker="o", markersize=3, capsize=2, label=name)
-        ax.axhline(1, color="grey", linewidth=0.8)  # above 1 the baseline adds variance
-        ax.set_title(label, fontsize=9)
+            ax.errorbar([v["budgets"][i] for i in keep], m, yerr=err, marker="o", markersize=5, capsize=4, lw=2,
+                        label=baseline)
+        for i, b in enumerate(v["budgets"]):   # a segment without a ratio: say why
+            if all(v[k]["mean"][i] is None for k in ("v1", "v2", "brpo")):
+                ax.text(b, 1.6, f"no ratio:\n{v['reaching'][i]:.0f} traces\nreach it", ha="center", va="center",
+                        fontsize=11, color="0.3")
+        ax.axhline(1, color="grey", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_title(name)
         ax.set_xticks(v["budgets"])
-        ax.set_xlabel("budget (end of segment)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("Var[R - V] / Var[R]")
-    axes[0][0].legend(fontsize=8)
-    plt.tight_layout()
+        ax.set_xlim(v["budgets"][0] - 3, v["budgets"][-1] + 3)
+        ax.set_xlabel("thinking segment (its last token)")
+        ax.set_ylabel("Var[R - V] / Var[R]  (log scale)")
+        ax.tick_params(labelleft=True)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(title="baseline V")
+    lo, hi = axes[0][0].get_ylim()      # the y axis is shared: ticks as plain numbers (0.5, 2), not 10^0
+    ticks = [y for y in ((0.1, 0.2, 0.5, 1, 2, 5, 10, 20) if hi / lo > 10 else (0.2, 0.3, 0.5, 0.7, 1, 1.5, 2, 3))
+             if lo <= y <= hi]
+    if len(ticks) < 3:                  # a narrow range (a smoke run's)
+        ticks = [y for y in matplotlib.ticker.MaxNLocator(4).tick_values(lo, hi) if lo <= y <= hi]
+    axes[0][0].set_yticks(ticks, [f"{y:g}" for y in ticks])
+    axes[0][0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0][0].set_ylim(lo, hi)
+    fig.text(0.01, 0.01, f"Points: mean over {seeds} seeds; bars: min to max over the seeds. Below the grey line "
+             "(1), the baseline lowers the variance of the thinking's\nreturn R; above it, it adds variance. "
+             f"{VARIANCE_TRACES} traces for each of {VARIANCE_QUESTIONS} held-out questions, uniform prior.",
+             va="bottom")
+    fig.suptitle("Var[R - V] / Var[R] per thinking segment: how much each baseline V lowers the variance of "
+                 "the return")
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path = os.path.join(folder, "ablation_variance.png")
-    plt.savefig(path, dpi=100)
-    plt.close()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return [curves, path]
 
 
@@ -256,10 +307,10 @@ def main_ablation(args: Args, num_seeds: int, device):
     warm-up with the same questions and steps; then one table and two figures. A finished run
     keeps its folder (seedN/preset/ with result.json, written last) and is not redone when the
     ablation runs again; a folder holds the runs of one ablation only (ablation.json)."""
-    print(demo.cpu_threads(args.threads))
+    print(ts.cpu_threads(args.threads))
     prepare_ablation_folder(args)
     out = args.out_dir
-    tokenizer = demo.tiny_tokenizer()
+    tokenizer = ts.tiny_tokenizer()
     seeds = list(range(args.seed, args.seed + num_seeds))
     runs, variance, kept = [], {"warmed-up model": [], "after ar-uniform": []}, 0
     t0 = time.time()
@@ -267,8 +318,8 @@ def main_ablation(args: Args, num_seeds: int, device):
         seed_args = Args(**{**asdict(args), "seed": seed})
         folder = os.path.join(out, f"seed{seed}")
         os.makedirs(folder, exist_ok=True)
-        train_set, eval_set = demo.demo_data(seed_args)
-        start = demo.warmed_up_model(seed_args, tokenizer, device, folder)
+        train_set, eval_set = ts.demo_data(seed_args)
+        start = ts.warmed_up_model(seed_args, tokenizer, device, folder)
         for name in ABLATION:
             path = os.path.join(folder, name, "result.json")
             if os.path.isfile(path):

@@ -39,7 +39,6 @@ from transformers import DynamicCache, GenerationConfig
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
 import anytime_reasoner as ar  # noqa: E402
 import train_small as ts  # noqa: E402
-from experiments import demo  # noqa: E402
 
 # Problem sizes. The CPU one keeps the GPU one's proportions (summary ~ thinking / 8), smaller.
 # loss_B: questions in the packed-loss comparison (the unpacked side is slow on a CPU).
@@ -67,7 +66,7 @@ def build_model(gpu: bool, tok, device, dtype=torch.float32):
             model = Qwen2ForCausalLM(Qwen2Config(**QWEN05B, pad_token_id=tok.pad_token_id,
                                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
     else:
-        model = demo.tiny_model(tok, hidden=256, layers=4)
+        model = ts.tiny_model(tok, hidden=256, layers=4)
     model = model.to(device, dtype).eval()
     banned = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     banned[len(tok):] = True  # GPU: the tiny tokenizer's ids live at the start of Qwen's vocabulary
@@ -84,9 +83,9 @@ def make_prompts(n: int, length: int, path: str) -> tuple[list[str], list[str]]:
         qa = [(r["question"], r["answer"]) for r in ts.parse_gsm8k(path)]
     else:
         rng = random.Random(0)
-        qa = [(p["question"] * length, p["answer"]) for p in (demo.demo_problem(rng) for _ in range(n))]
+        qa = [(p["question"] * length, p["answer"]) for p in (ts.demo_problem(rng) for _ in range(n))]
     qa = [qa[i % len(qa)] for i in range(n)]
-    return [demo.demo_prompt(q[:length - 3]) for q, _ in qa], [a for _, a in qa]
+    return [ts.demo_prompt(q[:length - 3]) for q, _ in qa], [a for _, a in qa]
 
 
 def sync(device):
@@ -245,7 +244,7 @@ def memory_child(path: str, kind: str):
     """In a fresh process (CPU): how far one forward + backward raises the peak resident memory."""
     saved = torch.load(path, weights_only=False)
     torch.set_num_threads(saved["threads"])
-    tok = demo.tiny_tokenizer()
+    tok = ts.tiny_tokenizer()
     model = build_model(False, tok, torch.device("cpu"))
     model.load_state_dict(saved["state"])
     model.train()
@@ -519,7 +518,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     device, c = torch.device("cuda" if a.gpu else "cpu"), SimpleNamespace(**(GPU if a.gpu else CPU))
-    tok = demo.tiny_tokenizer()
+    tok = ts.tiny_tokenizer()
     prompts, truths = make_prompts(max(64, c.B), c.prompt_len, a.data)
     res, rows, notes, targets, t0 = {}, [], [], [], time.time()
 

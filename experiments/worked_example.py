@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
@@ -67,7 +68,8 @@ def table(title: str, x: torch.Tensor, rows: str = "trace", cols=BUDGETS) -> str
 
 def render(t: dict) -> str:
     tokens, row, mask, adv = packed_row(t)
-    out = [table("summary scores [g, s, a] (A = 2 per budget; trace 3's budgets 12, 16 share a prompt)", t["scores"]),
+    out = [table("summary scores [g, s, a] (A = 2 per budget; trace 3's budgets 12 and 16 share a prompt)",
+                 t["scores"]),
            table("r[g, s] = mean score of the summaries of the prompt budget s uses (pooled)", t["r"]),
            table("p[s] = 1 / S (uniform prior)", t["prior"][None], rows="p"),
            table("R[g, s] = sum_{k>=s} p[k] r[g, k]   (return of thinking segment (b_{s-1}, b_s])", t["R"]),
@@ -104,37 +106,64 @@ def figure(t: dict, path: str) -> str:
         lines = ["trace 3: thinking tokens and their advantage, then each budget's summaries (text chart)"]
         lines += [f"  {tokens[P + j]:<9}{adv[P + j]:+.3f}" + ("   | cut, budget " + str(BUDGETS[cuts.index(j + 1)])
                                                            if j + 1 in cuts else "") for j in range(L)]
-        lines += [f"  b={BUDGETS[s]:<3} cut {cuts[s]:>2}, summary {a}: {adv[branches[s * A + a][0]]:+.3f}"
+        lines += [f"  b={BUDGETS[s]:<3} cut {cuts[s]:>2}, summary {a}: {adv[branches[s * A + a][0]] + 0:+.3f}"
                   for s in range(S) for a in range(A)]
         path = os.path.splitext(path)[0] + ".txt"
         open(path, "w").write("\n".join(lines) + "\n")
         return path
-    fig, ax = plt.subplots(figsize=(10, 4))
-    norm, cmap = matplotlib.colors.TwoSlopeNorm(0, -1, 1), plt.get_cmap("RdBu")
+    # x is the token's position in the thinking: a summary's tokens continue from its cut, as their
+    # position ids do. Each budget's A summaries hang under its cut, the last budget nearest the
+    # thinking, so that no line crosses a box.
+    fig, ax = plt.subplots(figsize=(12, 7))
+    f = lambda x: np.sign(x) * np.sqrt(np.abs(x))  # noqa: E731  square root: small advantages still show
+    norm, cmap = matplotlib.colors.FuncNorm((f, lambda y: np.sign(y) * y ** 2), -1, 1), plt.get_cmap("RdBu")
+    names = {"...</think>": "...\n</think>", "\\boxed{5}": "\\boxed\n{5}", "\\boxed{7}": "\\boxed\n{7}"}
 
-    def cell(x, y, i):  # token i of the row as a box coloured by its advantage
-        ax.add_patch(plt.Rectangle((x, y), 0.95, 0.8, color=cmap(norm(adv[i]))))
-        ax.text(x + 0.47, y + 0.4, tokens[i].replace("</think>", "</th>").replace("\\boxed", ""), ha="center",
-                va="center", fontsize=6.5)
+    def cell(x, y, i, trained=True):  # token i of the row at position x, coloured by its advantage
+        ax.add_patch(plt.Rectangle((x - 0.45, y - 0.42), 0.9, 0.84, lw=0.8, ec="0.35",
+                                   fc=cmap(norm(adv[i])) if trained else "0.9", hatch=None if trained else "///"))
+        ax.text(x, y, names.get(tokens[i], tokens[i]), ha="center", va="center", fontsize=8.5, linespacing=0.95,
+                bbox=None if trained else dict(fc="0.9", ec="none", pad=0.5))
     for j in range(L):  # the thinking, one box per token
-        cell(j, 0, P + j)
-    for s in range(S):
-        ax.axvline(BUDGETS[s], color="k", ls=":", lw=0.8)
-        ax.text(BUDGETS[s], 1.25, f"b={BUDGETS[s]}", ha="center", fontsize=8)
-        if (BUDGETS[s - 1] if s else 0) < L:  # a segment with tokens: their advantage
-            ax.text((BUDGETS[s - 1] if s else 0) + 0.1, 0.95, f"A={t['brpo'][3, s]:+.3f}", fontsize=7)
-        for a in range(A):  # summary a at budget s: its tokens, branching off at the cut
-            x, y = cuts[s] + 0.3 + 3.0 * a, -1.1 - 1.0 * s
-            ax.plot([cuts[s], x], [0, y + 0.8], color="grey", lw=0.6)
-            for k, i in enumerate(branches[s * A + a]):
-                cell(x + k, y, i)
-            ax.text(x + 2.0, y + 0.3, f"{adv[branches[s * A + a][0]]:+.2f}", fontsize=6.5)
-        ax.text(-0.4, -0.8 - 1.0 * s, f"summaries at b={BUDGETS[s]}", fontsize=7)
-    ax.set_xlim(-0.5, max(cuts) + 6.5), ax.set_ylim(-1.2 - S, 1.6), ax.axis("off")
-    ax.set_title(f"trace 3 (closes after {L} tokens): thinking (top), the A = {A} summaries at each budget (below), "
-                 "coloured by advantage", fontsize=9)
-    fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), ax=ax, fraction=0.02, label="advantage")
-    fig.savefig(path, dpi=130, bbox_inches="tight")
+        cell(j + 1, 0, P + j)
+    ax.add_patch(plt.Rectangle((L + 0.55, -0.42), BUDGETS[-1] - L - 0.1, 0.84, fill=False, ls=":", ec="0.5"))
+    ax.text((L + 1 + BUDGETS[-1]) / 2, 0, "budget not used: the trace closed", ha="center", va="center", fontsize=10,
+            color="0.4")
+    y = -1.4
+    for s in reversed(range(S)):
+        lo, hi = (BUDGETS[s - 1] if s else 0), min(BUDGETS[s], L)
+        ax.plot([BUDGETS[s] + 0.5] * 2, [0.48, 1.5], color="k", ls=":", lw=1.4)  # the budget, over the thinking
+        ax.text(BUDGETS[s] + 0.5, 1.58, f"b={BUDGETS[s]}", ha="center", va="bottom", fontsize=12)
+        if lo < L:  # a segment with tokens: its advantage
+            ax.text((lo + hi + 1) / 2, 0.68, f"A = {t['brpo'][3, s]:+.3f}", ha="center", fontsize=11)
+        rows = [y - a for a in range(A)]
+        ax.plot([cuts[s] + 0.5] * 2, [-0.42, rows[-1]], color="0.2", lw=1.4)  # hangs under its cut
+        ax.text(BUDGETS[0] + 0.1, (rows[0] + rows[-1]) / 2, f"summaries at b={BUDGETS[s]}\n(they see {cuts[s]} tokens)",
+                ha="right", va="center", fontsize=11)
+        for a, row_y in zip(range(A), rows):
+            block = range(row["block_start"][branches[s * A + a][0]], branches[s * A + a][-1] + 1)  # insert, summary
+            for k, i in enumerate(block):
+                cell(cuts[s] + 1 + k, row_y, i, trained=i in branches[s * A + a])
+            ax.text(cuts[s] + len(block) + 0.65, row_y, f"{adv[block[-1]] + 0:+.2f}", va="center", fontsize=11)
+        y -= A + 0.6
+    ax.set_xticks(range(1, BUDGETS[-1] + 1))
+    ax.tick_params(labelsize=11, left=False, labelleft=False)
+    ax.set_xlabel("token position in the thinking (a summary's tokens continue from its cut)", fontsize=11)
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    ax.set_xlim(0.3, BUDGETS[-1] + 1.6), ax.set_ylim(y + 0.4, 2.2)
+    ax.set_title(f"Worked example, trace 3: it closes its thinking with </think> after {L} tokens", fontsize=13)
+    bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), ax=ax, fraction=0.025, pad=0.01)
+    bar.set_ticks([-1, -0.5, -0.2, -0.05, 0, 0.05, 0.2, 0.5, 1], labels=["-1", "-0.5", "-0.2", "-0.05", "0", "0.05",
+                                                                        "0.2", "0.5", "1"], fontsize=10)
+    bar.set_label("advantage (square-root scale)", fontsize=11)
+    fig.text(0.015, 0.015, "Colour: the advantage each token is trained with (blue > 0, red < 0). Top: the "
+             "thinking, with the BRPO advantage A of each segment;\ndotted: the budgets. Below: each budget's "
+             "A = 2 summaries, hanging under the cut they see, with their decoupled advantage;\nhatched grey: "
+             "the inserted text, not trained. Budgets 12 and 16 both see all 10 tokens: one prompt, four sibling "
+             "summaries.", fontsize=10.5, va="bottom")
+    fig.subplots_adjust(left=0.01, right=0.93, top=0.94, bottom=0.19)
+    fig.savefig(path, dpi=110)
     return path
 
 

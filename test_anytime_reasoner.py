@@ -10,6 +10,7 @@ import ast
 import builtins
 import copy
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -3266,3 +3267,117 @@ def test_only_the_first_process_of_a_machine_says_the_error(monkeypatch, capsys)
     with pytest.raises(SystemExit) as e:
         ts.parse_args(["--steps", "0"])
     assert e.value.code == 2 and capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------
+# A real-style tokenizer: byte-level BPE as Qwen2.5 (</think> is ordinary text) and Qwen3 (one token)
+# ----------------------------------------------------------------------------
+
+# Qwen2's pre-tokenizer: words, single digits, runs of punctuation with their newlines. It makes
+# ".</think>\n\n" the pieces ".</", "think", ">\n\n", as Qwen2.5's own tokenizer encodes it.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_TEMPLATE = ("{%- if messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                 "{%- endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                 "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+@functools.lru_cache(maxsize=None)  # one of each style for the whole suite: never change it in a test
+def bpe_tokenizer(style: str):
+    """A byte-level BPE tokenizer trained in code (no download, ~0.5 s) on GSM8K-like text, with Qwen's
+    pre-tokenizer, special tokens and chat template. style "qwen2.5": `</think>` is ordinary text that the
+    merges join with its neighbours; "qwen3": `<think>` and `</think>` are one added token each (as Qwen3's,
+    not special: decoding keeps them)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    corpus = [json.loads(line)["question"] + "\n" + ar.INSTRUCTION + "\n<think>\n" + json.loads(line)["answer"]
+              .replace("####", "So the answer is") + ".</think>\n\n" + ar.ANSWER_HEADING + "\nThe answer is \\boxed{"
+              + json.loads(line)["answer"].rpartition("#### ")[2] + "}." for line in GSM8K_TRAIN.split("\n") if line]
+    corpus += [ar.TRUNCATED_INSERT, ar.CLOSED_INSERT] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    t.chat_template = QWEN_TEMPLATE
+    if style == "qwen3":
+        t.add_tokens([AddedToken(x, special=False, normalized=False) for x in ("<think>", "</think>")])
+    return t
+
+
+def pieces(tok, text: str) -> list[str]:
+    """The tokens of `text`, byte-level pieces shown as text."""
+    return [tok.decode([i]) for i in ar.encode(tok, text)]
+
+
+def scripted_bpe_model(tok, think: list[int], summary: list[int]):
+    """A tiny Qwen2 whose output is forced: after the prompt it writes `think`, after a summary prompt
+    (its last token closes "**Final Answer**\\n") it writes `summary`, then EOS. Each row remembers
+    where its script started from the position of the token that opened it."""
+    model = demo.tiny_model(tok, hidden=32, layers=1).eval()
+    opens_think = ar.encode(tok, ar.format_prompt(tok, "q"))[-1]
+    opens_summary = ar.encode(tok, ar.CLOSED_INSERT)[-1]
+    assert ar.encode(tok, ar.TRUNCATED_INSERT)[-1] == opens_summary and opens_think != opens_summary
+    assert opens_think not in think + summary and opens_summary not in think + summary
+    state = {}
+
+    def remember(module, args, kwargs):
+        ids, pos = kwargs["input_ids"], kwargs["position_ids"]
+        state["next"] = (pos[:, -1] + 1).tolist()
+        for r, (last, q) in enumerate(zip(ids[:, -1].tolist(), state["next"])):
+            if last in (opens_think, opens_summary):
+                state[r] = (think if last == opens_think else summary, q)
+
+    def force(module, args, logits):
+        forced = torch.full_like(logits, -30.0)
+        for r, q in enumerate(state["next"]):
+            script, start = state[r]
+            forced[r, -1, script[q - start] if q - start < len(script) else tok.eos_token_id] = 30.0
+        return forced
+    model.register_forward_pre_hook(remember, with_kwargs=True)
+    model.lm_head.register_forward_hook(force)
+    return model
+
+
+@pytest.mark.parametrize("style", ["qwen2.5", "qwen3"])
+@pytest.mark.parametrize("stop_at_box", [False, True], ids=["to-eos", "at-box"])
+def test_bpe_rollout_keeps_the_sampled_ids(style, stop_at_box, monkeypatch):
+    """On byte-level BPE: the model writes `</think>` across merged tokens (".</" "think" ">\\n\\n" in
+    Qwen2.5's style, "." "</think>" in Qwen3's) after a thinking sampled one character per token (its
+    text re-encodes to other ids). The rollout stops there; every summary prompt is the prompt's ids +
+    the sampled thinking's ids up to the cut + the insert's ids, and every packed row the same plus
+    the sampled summaries: no decode and re-encode. The summary's box straddles merged tokens
+    (" \\" "boxed" "{" "7" "2" "}."): scored by its text."""
+    tok = bpe_tokenizer(style)
+    close_pieces = pieces(tok, ".</think>\n\n")
+    assert close_pieces == ([".</", "think", ">\n\n"] if style == "qwen2.5" else [".", "</think>", "\n\n"])
+    think_end = ar.encode(tok, ar.THINK_END)
+    assert len(think_end) == (3 if style == "qwen2.5" else 1)
+    by_char = [i for ch in "So 48+24=72" for i in ar.encode(tok, ch)]
+    assert ar.encode(tok, tok.decode(by_char)) != by_char               # re-encoding would change the ids
+    think = by_char + ar.encode(tok, ".</think>\n\n")
+    L = len(think) - (1 if style == "qwen3" else 0)                     # Qwen3 stops on the </think> id
+    summary = ar.encode(tok, "The answer is \\boxed{72}. Done")
+    assert pieces(tok, "The answer is \\boxed{72}.")[-6:] == [" \\", "boxed", "{", "7", "2", "}."]
+    model = scripted_bpe_model(tok, think, summary)
+    prompt = ar.format_prompt(tok, "Natalia sold 48 clips and 24 more. How many?")
+    calls, generate = [], ar.generate
+    monkeypatch.setattr(ar, "generate", lambda m, t, seqs, *a, **k: calls.append(seqs) or generate(m, t, seqs, *a, **k))
+    budgets = [4, 8, 12, 16]
+    ro = ar.rollout(model, tok, [prompt], budgets, num_traces=2, num_summaries=2, summary_max_tokens=16,
+                    stop_at_box=stop_at_box)
+    P, ins = ar.encode(tok, prompt), ar.insert_ids(tok)
+    wrote = summary[:6 + len(ar.encode(tok, "The answer is"))] if stop_at_box else summary + [tok.eos_token_id]
+    assert tok.decode(wrote).startswith("The answer is \\boxed{72}.")
+    assert ro.think_ids == [[think[:L], think[:L]]] and ro.closed.all()
+    assert ro.cuts[0, 0].tolist() == [4, 8, 12, L] and ro.truncated[0, 0].tolist() == [True, True, True, False]
+    assert ro.summary_ids == [[[[wrote] * 2] * 4] * 2]
+    cuts = [(4, True), (8, True), (12, True), (L, False)]
+    assert calls[1] == [P + think[:c] + ins[t] for _ in range(2) for c, t in cuts for _ in range(2)]
+    packed = ar.pack_rollout(ro, tok)
+    row = P + think[:L] + [i for c, t in cuts for _ in range(2) for i in ins[t] + wrote]
+    assert packed.input_ids.tolist() == [row, row]
+    assert ar.score_rollout(ro, ["72"]).eq(1).all() and ar.score_rollout(ro, ["7"]).eq(0).all()

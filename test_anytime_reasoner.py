@@ -3381,3 +3381,76 @@ def test_bpe_rollout_keeps_the_sampled_ids(style, stop_at_box, monkeypatch):
     row = P + think[:L] + [i for c, t in cuts for _ in range(2) for i in ins[t] + wrote]
     assert packed.input_ids.tolist() == [row, row]
     assert ar.score_rollout(ro, ["72"]).eq(1).all() and ar.score_rollout(ro, ["7"]).eq(0).all()
+
+
+def test_train_small_on_a_bpe_tokenizer_folder_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """train_small.py on a model folder laid out like a hub model (config.json, weights, tokenizer.json,
+    the chat template) with a byte-level BPE tokenizer: the tokenizer loads back as it was saved, in both
+    styles; with Qwen2.5's, a step, an evaluation and a checkpoint, then --resume for a second step, give
+    the two-step run exactly (questions, rollouts, weights). The run's figure is redrawn at each evaluation."""
+    for style in ("qwen3", "qwen2.5"):
+        tok, folder = bpe_tokenizer(style), tmp_path / style
+        demo.tiny_model(tok, hidden=32, layers=1).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        loaded = ts.load_model(str(folder), torch.device("cpu"))[1]      # as train_small.py loads it
+        assert pieces(loaded, ".</think>\n\n") == pieces(tok, ".</think>\n\n")
+        assert ar.format_prompt(loaded, "q") == ar.format_prompt(tok, "q") and "<|im_start|>system" in ar.format_prompt(tok, "q")
+    common = ["--model", str(folder), "--data-dir", gsm8k_dir(tmp_path), "--max-think", "8", "--questions-per-step",
+              "2", "--traces", "2", "--summary-max-tokens", "4", "--eval-size", "2", "--eval-every", "1",
+              "--device", "cpu", "--lr", "0.01"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    ts.main(common + ["--steps", "1", "--out-dir", str(a)])
+    ts.main(["--resume", str(a / "ckpt"), "--steps", "2"])
+    figures, evaluate = [], ts.evaluate_model     # the straight run's figure as each evaluation starts
+    read = lambda: (b / "anytime_accuracy.png").read_bytes() if (b / "anytime_accuracy.png").exists() else None
+    monkeypatch.setattr(ts, "evaluate_model", lambda *x, **k: figures.append(read()) or evaluate(*x, **k))
+    ts.main(common + ["--steps", "2", "--out-dir", str(b)])
+    assert "resumed from" in capsys.readouterr().out
+    # the figure is redrawn at every evaluation (steps 0, 1, 2), not only at the end
+    assert figures[0] is None and None not in figures[1:] and len(set(figures[1:] + [read()])) == 3
+    assert pieces(ts.load_model(str(a / "ckpt"), torch.device("cpu"))[1], ".</think>\n\n") == [".</", "think", ">\n\n"]
+    assert [x["step"] for x in jsonl_rows(a / "eval.jsonl")] == [0, 1, 2]
+    same = ("questions", "reward", "acc", "think_len", "gen_tokens")
+    assert [{k: x[k] for k in same} for x in jsonl_rows(a / "metrics.jsonl")] == \
+        [{k: x[k] for k in same} for x in jsonl_rows(b / "metrics.jsonl")]
+    from safetensors.torch import load_file
+    weights_a, weights_b, start = (load_file(p / "model.safetensors") for p in (a / "ckpt", b / "ckpt", folder))
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in start)
+    assert max((weights_a[k] - start[k]).abs().max().item() for k in start) > 1e-4     # and they moved
+
+
+def test_tensorboard_gets_each_step_and_evaluation(tmp_path):
+    """--tensorboard writes event files that TensorBoard reads back: every step's metrics (accuracy per
+    budget among them) and every evaluation, with the values of metrics.jsonl and eval.jsonl. The model
+    thinks `\\boxed{4}` then EOS, so the evaluation's accuracy differs between budgets (as in
+    test_eval_only_draws_the_curve_of_a_model_or_a_checkpoint: [1/2, 0, 0] on the first two questions)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tok, model_dir, out = demo.tiny_tokenizer(), tmp_path / "model", tmp_path / "run"
+    chain_model(tok, "\\boxed{4}").save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    ts.main(["--model", str(model_dir), "--data-dir", gsm8k_dir(tmp_path), "--budgets", "2,4,6", "--max-think", "6",
+             "--eval-grid", "2", "--questions-per-step", "2", "--traces", "2", "--summary-max-tokens", "8",
+             "--eval-size", "2", "--eval-every", "1", "--steps", "2", "--device", "cpu", "--out-dir", str(out),
+             "--tensorboard"])
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    scalar = lambda tag: [(e.step, e.value) for e in board.Scalars(tag)]
+    steps, evals = jsonl_rows(out / "metrics.jsonl"), jsonl_rows(out / "eval.jsonl")
+    assert [x["accuracy"] for x in evals] == [[0.5, 0.0, 0.0]] * 3
+    # the event file holds float32: within one rounding, EPS/2 x |value|
+    for name in ("reward", "think_len", "clipfrac", "approx_kl", "s_per_step"):
+        close([v for _, v in scalar(name)], [x[name] for x in steps], EPS * max(abs(x[name]) for x in steps), name)
+        assert [s for s, _ in scalar(name)] == [1, 2]
+    for s, b in enumerate([2, 4, 6]):
+        close([v for _, v in scalar(f"acc/budget_{b:04d}")], [x["acc"][s] for x in steps], EPS)
+        close([v for _, v in scalar(f"eval/accuracy/budget_{b:04d}")], [x["accuracy"][s] for x in evals], EPS)
+    assert [s for s, _ in scalar("eval/anytime_score")] == [0, 1, 2]
+
+
+def test_tensorboard_missing_is_one_line_that_says_what_to_install(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    assert "--tensorboard needs the tensorboard package: pip install tensorboard" in \
+        exits_with_one_line(["--tensorboard"], capsys)
+    assert "drop it with --demo" in exits_with_one_line(["--demo", "--tensorboard"], capsys)

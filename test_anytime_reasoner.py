@@ -3454,3 +3454,47 @@ def test_tensorboard_missing_is_one_line_that_says_what_to_install(monkeypatch, 
     assert "--tensorboard needs the tensorboard package: pip install tensorboard" in \
         exits_with_one_line(["--tensorboard"], capsys)
     assert "drop it with --demo" in exits_with_one_line(["--demo", "--tensorboard"], capsys)
+
+
+# ----------------------------------------------------------------------------
+# The GPU benchmark, rehearsed on a CPU
+# ----------------------------------------------------------------------------
+
+def test_the_gpu_benchmark_rehearsed_on_a_cpu(tmp_path, capsys, monkeypatch):
+    """`python -m experiments.bench --cpu-rehearsal` runs every line of the --gpu run on a CPU at a small
+    size (the default configuration's memory, the rollout, loss and step rows in their GPU form, the
+    bandwidth row, the static KV cache compiled by torch.compile, the report), with no CUDA call left
+    outside the one object it replaces: here every torch.cuda call that the --gpu run makes raises. The
+    answer checker's row is the CPU benchmark's, the same in both: left out here."""
+    from types import SimpleNamespace
+    from experiments import bench
+    for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated",
+                 "max_memory_reserved", "empty_cache", "get_device_name"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, n=name, **k: pytest.fail(f"torch.cuda.{n} called"))
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    out = tmp_path / "report.json"
+    bench.main(["--cpu-rehearsal", "--repeats", "1", "--only", "rollout,loss,step,summary,gpu", "--out", str(out),
+                "--data", str(tmp_path / "no-gsm8k.jsonl")])
+    report, printed = json.loads(out.read_text()), capsys.readouterr().out
+    r, c = report["results"], SimpleNamespace(**bench.REHEARSAL)
+    assert set(r) == {"default_memory", "rollout", "loss", "step", "summary", "bandwidth", "static_cache"}
+    assert dynamo.utils.counters["stats"]["unique_graphs"] >= 1       # the static cache was compiled
+    assert len(r["default_memory"]["s_per_step"]) == 2
+    # equal work on every side: every trace thinks max_think tokens, every summary runs its maximum
+    M = c.B * c.G * (c.max_think + c.S * c.A * c.summary)
+    assert {k: v["tokens"] for k, v in r["rollout"].items()} == dict.fromkeys(("ours", "plain", "reencode", "concat"), M)
+    assert r["bandwidth"]["tokens"] == c.decode_rows * c.max_think
+    # At ratio 1 the loss is -(sum of the trained tokens' advantages) / normaliser, whatever the log-probs: packed
+    # and unpacked sum the same M' <= M float32 terms, each |adv| <= 1, in other orders: within M' EPS M' / normaliser
+    M, normaliser = c.loss_B * c.G * (c.max_think + c.S * c.A * c.summary), c.loss_B * c.G * c.max_think
+    close(r["loss"]["packed"]["loss"], r["loss"]["unpacked"]["loss"], M * EPS * M / normaliser)
+    assert "max_memory_allocated" in r["loss"]["memory_method"]                  # the GPU branch, rehearsed
+    table = [line.split(" | ")[0][2:] for line in printed.splitlines() if line.startswith("| ")]
+    assert table == ["benchmark", "---", "G default config peak reserved, GiB", f"1 rollout, tokens/s (S={c.S}, A={c.A})",
+                     "1 rollout, tokens/s (summaries on the thinking's cache vs re-encoded)",
+                     "1 rollout, tokens/s (KV written into a buffer vs DynamicLayer's torch.cat)",
+                     "2 loss fwd+bwd, s (packed vs unpacked)", "2 loss peak memory, MiB", "3 RL step, s (grpo vs TRL)",
+                     "3 RL step, s (ar-uniform vs grpo)", "5 summary tokens (Qwen2.5)",
+                     f"G decode tokens/s, {c.decode_rows} rows (vs bound)", "G generate, s (static+compile vs dynamic)"]
+    assert all(line.count(" | ") == 4 for line in printed.splitlines() if line.startswith("| ")) and "REHEARSAL" in printed

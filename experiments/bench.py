@@ -35,11 +35,12 @@ so that every other line of the --gpu run runs in the tests before a GPU is ever
 from __future__ import annotations
 
 import argparse, bisect, copy, datetime, importlib.metadata, json, os, platform, random, resource, shlex
-import statistics, subprocess, sys, tempfile, time, warnings
+import statistics, subprocess, sys, tempfile, time, warnings, weakref
 from types import SimpleNamespace
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, GenerationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
@@ -518,6 +519,68 @@ def bench_default_memory(tok, c, data, device) -> dict:
              for _ in range(2)]
     return {"peak_allocated_bytes": ACCEL.peak_allocated(), "peak_reserved_bytes": ACCEL.peak_reserved(),
             "s_per_step": [m["s_per_step"] for m in steps]}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Inside it, the bytes of tensor storage that ops create and that are still alive (`now`) and their
+    most (`peak`): what torch.cuda.memory_allocated and max_memory_allocated count on a GPU, from zero."""
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.alive = set()  # data pointers of the storages counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and storage.nbytes() and storage.data_ptr() not in self.alive:
+                self.alive.add(storage.data_ptr())
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self.free, storage.data_ptr(), storage.nbytes())
+        return out
+
+    def free(self, ptr: int, nbytes: int):
+        self.alive.discard(ptr)
+        self.now -= nbytes
+
+
+def activation_memory(model_name="qwen2.5-0.5b", prompt_len: int = 256, insert_len: int = 12) -> dict:
+    """What one micro-batch of train_small.py's defaults adds to memory in the PPO update, at Qwen2.5-0.5B's
+    size, on a CPU: 4 packed traces, each the worst case (a prompt of prompt_len tokens, 512 thinking
+    tokens, 16 summary blocks of insert_len + 64 tokens), forward and backward of ar.anytime_loss under
+    gradient checkpointing and bf16 autocast (the CPU's, standing in for the GPU's), the output layer in
+    chunks of 1024 positions. The fp32 weights and their gradients exist before (the gradients from the
+    micro-batches before this one); the figures are LiveBytes' count above them. 5 to 10 minutes on 2 cores."""
+    args = ts.parse_args([])
+    tok = demo.tiny_tokenizer()
+    model = build_model(model_name, tok, torch.device("cpu"))
+    model.train()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    S, A, N = len(args.budgets), args.num_summaries, args.micro_batch
+    row = ar.pack_trace([3] * prompt_len, [4] * args.max_think, args.budgets, args.budgets,
+                        [[1] * insert_len] * S, [[[2] * args.summary_max_tokens] * A] * S)
+    packed = ar.Packed(*(torch.tensor([row[k]] * N) for k in ("input_ids", "position_ids", "prefix_len",
+                                                              "block_start", "adv_index")), S, A)
+    g = torch.Generator().manual_seed(0)
+    thinking_adv, summary_adv = torch.randn(N, S, generator=g), torch.randn(N, S, A, generator=g)
+    t0, live = time.time(), LiveBytes()
+    with live:
+        for p in model.parameters():  # counted too: backward may replace a gradient by a new tensor
+            p.grad = torch.zeros_like(p)
+        grads, live.peak = live.now, live.now
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = ar.anytime_loss(model, packed, thinking_adv, summary_adv, N * args.max_think,
+                                      chunk_size=args.chunk_size, mask_dtype=torch.bfloat16)
+        after_forward, forward_peak = live.now - grads, live.peak - grads
+        loss.backward()
+        del loss
+    return {"model": model_name, "parameters": sum(p.numel() for p in model.parameters()),
+            "rows": N, "tokens_per_row": packed.input_ids.shape[1], "trained_tokens": int((packed.adv_index >= 0).sum()),
+            "grad_bytes": grads, "after_forward_bytes": after_forward, "forward_peak_bytes": forward_peak,
+            "peak_bytes": live.peak - grads, "after_bytes": live.now - grads,
+            "seconds": round(time.time() - t0, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 # ----------------------------------------------------------------------------

@@ -3479,7 +3479,7 @@ def test_the_gpu_benchmark_rehearsed_on_a_cpu(tmp_path, capsys, monkeypatch):
     report, printed = json.loads(out.read_text()), capsys.readouterr().out
     r, c = report["results"], SimpleNamespace(**bench.REHEARSAL)
     assert set(r) == {"default_memory", "rollout", "loss", "step", "summary", "bandwidth", "static_cache"}
-    assert dynamo.utils.counters["stats"]["unique_graphs"] >= 1       # the static cache was compiled
+    assert "error" not in r["static_cache"] and dynamo.utils.counters["stats"]["unique_graphs"] >= 1   # compiled
     assert len(r["default_memory"]["s_per_step"]) == 2
     # equal work on every side: every trace thinks max_think tokens, every summary runs its maximum
     M = c.B * c.G * (c.max_think + c.S * c.A * c.summary)

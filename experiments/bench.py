@@ -547,14 +547,15 @@ class LiveBytes(TorchDispatchMode):
         self.now -= nbytes
 
 
-def activation_memory(model_name="qwen2.5-0.5b", prompt_len: int = 256, insert_len: int = 12) -> dict:
-    """What one micro-batch of train_small.py's defaults adds to memory in the PPO update, at Qwen2.5-0.5B's
-    size, on a CPU: 4 packed traces, each the worst case (a prompt of prompt_len tokens, 512 thinking
-    tokens, 16 summary blocks of insert_len + 64 tokens), forward and backward of ar.anytime_loss under
-    gradient checkpointing and bf16 autocast (the CPU's, standing in for the GPU's), the output layer in
-    chunks of 1024 positions. The fp32 weights and their gradients exist before (the gradients from the
-    micro-batches before this one); the figures are LiveBytes' count above them. 5 to 10 minutes on 2 cores."""
-    args = ts.parse_args([])
+def activation_memory(flags=(), model_name="qwen2.5-0.5b", prompt_len: int = 256, insert_len: int = 12) -> dict:
+    """What one micro-batch of train_small.py's defaults (or of its `flags`) adds to memory in the PPO
+    update, at Qwen2.5-0.5B's size, on a CPU: --micro-batch packed traces, each the worst case (a prompt
+    of prompt_len tokens, 512 thinking tokens, 16 summary blocks of insert_len + 64 tokens), forward and
+    backward of ar.anytime_loss under gradient checkpointing and bf16 autocast (the CPU's, standing in for
+    the GPU's), the output layer in chunks of --chunk-size positions. The fp32 weights and their gradients
+    exist before (the gradients from the micro-batches before this one); the figures are LiveBytes' count
+    above them. 5 to 10 minutes on 2 cores."""
+    args = ts.parse_args(list(flags))
     tok = demo.tiny_tokenizer()
     model = build_model(model_name, tok, torch.device("cpu"))
     model.train()
@@ -577,7 +578,7 @@ def activation_memory(model_name="qwen2.5-0.5b", prompt_len: int = 256, insert_l
         after_forward, forward_peak = live.now - grads, live.peak - grads
         loss.backward()
         del loss
-    return {"model": model_name, "parameters": sum(p.numel() for p in model.parameters()),
+    return {"model": model_name, "flags": list(flags), "parameters": sum(p.numel() for p in model.parameters()),
             "rows": N, "tokens_per_row": packed.input_ids.shape[1], "trained_tokens": int((packed.adv_index >= 0).sum()),
             "grad_bytes": grads, "after_forward_bytes": after_forward, "forward_peak_bytes": forward_peak,
             "peak_bytes": live.peak - grads, "after_bytes": live.now - grads,
@@ -610,8 +611,9 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="CUDA; Qwen2.5-0.5B's architecture, random weights")
     p.add_argument("--cpu-rehearsal", action="store_true",
                    help="the --gpu run on a CPU at a small size, CUDA's calls replaced: checks the code, not the figures")
-    p.add_argument("--activation-memory", action="store_true",
-                   help="only: one micro-batch's activation memory at Qwen2.5-0.5B's size, on a CPU (docs/performance.md)")
+    p.add_argument("--activation-memory", nargs="?", const="", metavar="FLAGS",
+                   help="only: one micro-batch's activation memory at Qwen2.5-0.5B's size, on a CPU, with "
+                        "train_small.py's defaults or FLAGS, e.g. '--micro-batch 2' (docs/performance.md)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bandwidth-gbs", type=float, default=3350.0,
@@ -626,8 +628,8 @@ def main(argv=None):
     ACCEL = accelerator("cuda" if a.gpu else "rehearsal" if a.cpu_rehearsal else "cpu")
     if a.memory_child:
         return memory_child(*a.memory_child)
-    if a.activation_memory:
-        return print(json.dumps(activation_memory(), indent=1))
+    if a.activation_memory is not None:
+        return print(json.dumps(activation_memory(shlex.split(a.activation_memory)), indent=1))
     only = set(a.only.split(","))
     if a.repeats < 1 or only - set(SECTIONS):
         p.error(f"--repeats must be >= 1 and --only a subset of {','.join(SECTIONS)}")

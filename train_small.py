@@ -225,8 +225,9 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
         r = evaluate_model(model, tokenizer, eval_prompts, [x["answer"] for x in eval_set], args, grid)
         append_jsonl(eval_path, {"step": step, **r})
         print(format_table({f"step {step}": r}))
-        board_scalars(board, step, {"anytime_score": r["anytime_score"], "think_len": r["mean_think_len"],
-                                    "accuracy": r["accuracy"]}, r["budgets"], "eval/")
+        if board:
+            board_scalars(board, step, {"anytime_score": r["anytime_score"], "think_len": r["mean_think_len"],
+                                        "accuracy": r["accuracy"]}, r["budgets"], "eval/")
         if figure and RANK == 0:  # the curve so far against the one before training
             plot_curves({**({"before": first} if step and first else {}), f"step {step}": r}, figure, title)
         return r
@@ -244,8 +245,9 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
                         [train_set[i]["answer"] for i in idx], args, prior, device, ref_model)
             step += 1
             append_jsonl(metrics_path, {"step": step, **m, "questions": idx})  # indices into train_set
-            board_scalars(board, step, {k: m[k] for k in ("reward", "acc", "think_len", "clipfrac", "approx_kl",
-                                                          "grad_norm", "gen_tok_s", "s_per_step")}, args.budgets)
+            if board:
+                board_scalars(board, step, {k: m[k] for k in ("reward", "acc", "think_len", "clipfrac", "approx_kl",
+                                                              "grad_norm", "gen_tok_s", "s_per_step")}, args.budgets)
             print(f"{tag.strip('-') or 'step'} {step:4d} | reward {m['reward']:.3f} | acc/budget "
                   + " ".join(f"{a:.2f}" for a in m["acc"]) + f" | think {m['think_len']:.0f} tok | clip "
                   f"{m['clipfrac']:.3f} | kl {m['approx_kl']:.1e} | {m['gen_tok_s']:.0f} gen tok/s | "
@@ -896,8 +898,8 @@ def tensorboard_writer(args: Args, start_step: int):
 
 def board_scalars(board, step: int, row: dict, budgets: list[int], prefix: str = ""):
     """A log row's numbers as TensorBoard scalars at `step`; a list of one number per budget as
-    NAME/budget_B. Nothing without a board."""
-    for name, value in row.items() if board else ():
+    NAME/budget_B (zero-padded, so that TensorBoard sorts them by budget)."""
+    for name, value in row.items():
         for b, x in zip(budgets, value) if isinstance(value, list) else [(None, value)]:
             board.add_scalar(prefix + name + ("" if b is None else f"/budget_{b:04d}"), x, step)
 

@@ -3480,7 +3480,7 @@ def test_the_gpu_benchmark_rehearsed_on_a_cpu(tmp_path, capsys, monkeypatch):
     r, c = report["results"], SimpleNamespace(**bench.REHEARSAL)
     assert set(r) == {"default_memory", "rollout", "loss", "step", "summary", "bandwidth", "static_cache"}
     assert "error" not in r["static_cache"] and dynamo.utils.counters["stats"]["unique_graphs"] >= 1   # compiled
-    assert len(r["default_memory"]["s_per_step"]) == 2
+    assert len(r["default_memory"]["steps"]["s_per_step"]) == 2 and r["default_memory"]["evaluation"]["s"] > 0
     # equal work on every side: every trace thinks max_think tokens, every summary runs its maximum
     M = c.B * c.G * (c.max_think + c.S * c.A * c.summary)
     assert {k: v["tokens"] for k, v in r["rollout"].items()} == dict.fromkeys(("ours", "plain", "reencode", "concat"), M)
@@ -3491,7 +3491,8 @@ def test_the_gpu_benchmark_rehearsed_on_a_cpu(tmp_path, capsys, monkeypatch):
     close(r["loss"]["packed"]["loss"], r["loss"]["unpacked"]["loss"], M * EPS * M / normaliser)
     assert "max_memory_allocated" in r["loss"]["memory_method"]                  # the GPU branch, rehearsed
     table = [line.split(" | ")[0][2:] for line in printed.splitlines() if line.startswith("| ")]
-    assert table == ["benchmark", "---", "G default config peak reserved, GiB", f"1 rollout, tokens/s (S={c.S}, A={c.A})",
+    assert table == ["benchmark", "---", "G default config, steps: peak allocated / reserved, GiB",
+                     "G default config, evaluation: peak allocated / reserved, GiB", f"1 rollout, tokens/s (S={c.S}, A={c.A})",
                      "1 rollout, tokens/s (summaries on the thinking's cache vs re-encoded)",
                      "1 rollout, tokens/s (KV written into a buffer vs DynamicLayer's torch.cat)",
                      "2 loss fwd+bwd, s (packed vs unpacked)", "2 loss peak memory, MiB", "3 RL step, s (grpo vs TRL)",

@@ -50,18 +50,20 @@ from experiments import demo  # noqa: E402
 
 # Problem sizes. The CPU one keeps the GPU one's proportions (summary ~ thinking / 8), smaller.
 # loss_B: questions in the packed-loss comparison (the unpacked side is slow on a CPU); decode_rows:
-# rows of the bandwidth and static-cache rows; default_flags: train_small.py's defaults, or smaller;
+# rows of the bandwidth and static-cache rows; default_flags, default_prompt_len: train_small.py's
+# defaults with prompts of 256 tokens (the worst case docs/performance.md predicts), or smaller;
 # model: Qwen2.5-0.5B's architecture or a tiny Qwen2 of (hidden size, layers).
 CPU = dict(B=4, G=4, S=4, A=4, max_think=96, summary=12, prompt_len=32, micro_batch=4, loss_B=1,
            think_batch=64, summary_batch=256, chunk_size=4096, model=(256, 4))
 GPU = dict(B=8, G=8, S=4, A=4, max_think=512, summary=48, prompt_len=128, micro_batch=4, loss_B=8,
            think_batch=128, summary_batch=512, chunk_size=1024, model="qwen2.5-0.5b", decode_rows=64,
-           default_flags=[])
+           default_flags=[], default_prompt_len=256)
 REHEARSAL = dict(B=2, G=2, S=4, A=2, max_think=8, summary=3, prompt_len=12, micro_batch=2, loss_B=1,
                  think_batch=4, summary_batch=16, chunk_size=64, model=(32, 1), decode_rows=4,
                  default_flags=["--questions-per-step", "2", "--traces", "2", "--max-think", "8",
                                 "--summary-max-tokens", "3", "--micro-batch", "2", "--think-batch", "4",
-                                "--summary-batch", "16"])
+                                "--summary-batch", "16", "--eval-size", "3", "--eval-grid", "4"],
+                 default_prompt_len=12)
 # Qwen/Qwen2.5-0.5B-Instruct's public configuration (random weights: nothing is downloaded).
 QWEN05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
@@ -505,22 +507,29 @@ def bench_static_cache(model, tok, prompts, c, device, repeats) -> dict:
     return {k: {"median_s": v["median_s"], "times_s": v["times_s"], "warmup_s": v["warmup_s"]} for k, v in r.items()}
 
 
-def bench_default_memory(tok, c, data, device) -> dict:
-    """Peak memory of two rl_steps of train_small.py's defaults (B=16, G=8, S=4, A=4, 512 thinking
-    + 64 summary tokens, micro-batch 4, gradient checkpointing, bf16 autocast, fp32 weights and
-    AdamW), every trace and summary at full length: the worst case. Two steps: from the second on,
-    AdamW's state and the last step's gradients are held through the rollout."""
+def bench_default_memory(tok, c, device) -> dict:
+    """Peak memory of train_small.py's defaults (B=16, G=8, S=4, A=4, 512 thinking + 64 summary tokens,
+    micro-batch 4, gradient checkpointing, bf16 autocast, fp32 weights and AdamW), every trace and
+    summary at full length, prompts of default_prompt_len tokens: the worst case, as docs/performance.md
+    predicts it. Two rl_steps (from the second on, AdamW's state and the last gradients are held
+    through the rollout), then an evaluation (200 questions, 8 budgets), each with its own peak."""
     args = ts.parse_args(["--device", device.type] + c.default_flags)
-    prompts, truths = make_prompts(args.questions_per_step, c.prompt_len, data)
     model = build_model(c.model, tok, device)
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = True
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    prompts, truths = make_prompts(max(args.questions_per_step, args.eval_size), c.default_prompt_len, "")
     ACCEL.reset_peak()
-    steps = [ts.rl_step(model, tok, opt, prompts, truths, args, ar.budget_prior(args.prior, args.budgets), device)
-             for _ in range(2)]
-    return {"peak_allocated_bytes": ACCEL.peak_allocated(), "peak_reserved_bytes": ACCEL.peak_reserved(),
-            "s_per_step": [m["s_per_step"] for m in steps]}
+    steps = [ts.rl_step(model, tok, opt, prompts[:args.questions_per_step], truths, args,
+                        ar.budget_prior(args.prior, args.budgets), device) for _ in range(2)]
+    out = {"steps": {"peak_allocated_bytes": ACCEL.peak_allocated(), "peak_reserved_bytes": ACCEL.peak_reserved(),
+                     "s_per_step": [m["s_per_step"] for m in steps]}}
+    ACCEL.reset_peak()
+    t = time.time()
+    ts.evaluate_model(model, tok, prompts[:args.eval_size], truths, args, ts.eval_grid(args))
+    out["evaluation"] = {"peak_allocated_bytes": ACCEL.peak_allocated(), "peak_reserved_bytes": ACCEL.peak_reserved(),
+                         "s": time.time() - t}
+    return out
 
 
 class LiveBytes(TorchDispatchMode):
@@ -657,12 +666,16 @@ def main(argv=None):
 
     if gpu and "gpu" in only:  # first, while nothing else holds GPU memory
         log("GPU: memory of train_small.py's default configuration")
-        r = res["default_memory"] = bench_default_memory(tok, c, a.data, device)
-        gib = r["peak_reserved_bytes"] / GIB
-        row("G default config peak reserved, GiB", f"{gib:.1f}",
-            f"allocated {r['peak_allocated_bytes'] / GIB:.1f}", "-", "<= 24 GiB", gib <= 24)
-        notes.append("default config: two steps, every trace and summary at full length (the worst case); the "
-                     "CUDA context (~0.5 GiB) comes on top; s/step " + ", ".join(f"{x:.1f}" for x in r["s_per_step"]))
+        r = res["default_memory"] = bench_default_memory(tok, c, device)
+        for part, predicted in (("steps", 17.6), ("evaluation", 21.6)):  # docs/performance.md's prediction
+            gib = r[part]["peak_reserved_bytes"] / GIB
+            row(f"G default config, {part}: peak allocated / reserved, GiB",
+                f"{r[part]['peak_allocated_bytes'] / GIB:.1f} / {gib:.1f}", f"predicted {predicted}", "-",
+                "<= 24 GiB", gib <= 24)
+        notes.append("default config: two steps then an evaluation, every trace and summary at full length (the "
+                     "worst case); the CUDA context (~0.5 GiB) comes on top; s/step "
+                     + ", ".join(f"{x:.1f}" for x in r["steps"]["s_per_step"])
+                     + f"; the evaluation {r['evaluation']['s']:.0f} s")
         ACCEL.empty_cache()
     model = build_model(c.model, tok, device)                       # fp32 weights, as train_small.py
     gen_model = build_model(c.model, tok, device, torch.bfloat16) if gpu else model

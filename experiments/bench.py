@@ -25,7 +25,7 @@ completion) runs to its maximum length on every side.
     python -m experiments.bench      # CPU, tiny random Qwen2 (hidden 256, 4 layers): a few minutes
     python -m experiments.bench --threads 1  # steadier on a busy machine
     python -m experiments.bench --gpu        # CUDA: Qwen2.5-0.5B-Instruct's architecture, random weights
-    python -m experiments.bench --cpu-rehearsal  # the --gpu run on a CPU at a small size, 10 seconds (CI runs it)
+    python -m experiments.bench --cpu-rehearsal  # the --gpu run on a CPU at a small size, seconds (the tests run it)
     python -m experiments.bench --activation-memory  # one micro-batch's activations at Qwen2.5-0.5B's size, CPU
 
 The --gpu run's calls that only CUDA has (synchronisation, peak-memory counters, bf16 autocast) go

@@ -3290,9 +3290,10 @@ def bpe_tokenizer(style: str):
     not special: decoding keeps them)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-    corpus = [json.loads(line)["question"] + "\n" + ar.INSTRUCTION + "\n<think>\n" + json.loads(line)["answer"]
-              .replace("####", "So the answer is") + ".</think>\n\n" + ar.ANSWER_HEADING + "\nThe answer is \\boxed{"
-              + json.loads(line)["answer"].rpartition("#### ")[2] + "}." for line in GSM8K_TRAIN.split("\n") if line]
+    rows = [json.loads(line) for line in GSM8K_TRAIN.split("\n") if line]
+    corpus = [r["question"] + "\n" + ar.INSTRUCTION + "\n<think>\n" + r["answer"].replace("####", "So the answer is")
+              + ".</think>\n\n" + ar.ANSWER_HEADING + "\nThe answer is \\boxed{" + r["answer"].rpartition("#### ")[2]
+              + "}." for r in rows]
     corpus += [ar.TRUNCATED_INSERT, ar.CLOSED_INSERT] * 4
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),

@@ -10,6 +10,7 @@ import ast
 import builtins
 import copy
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -3465,3 +3466,238 @@ def test_publishing_a_demo_never_leaves_a_folder_that_claims_a_finished_demo_wit
         assert {k: here.get(k) for k in files} == files
     if crash_after >= len(old) + len(new):       # not killed: the new demo, whole
         assert here == new
+
+
+# ----------------------------------------------------------------------------
+# A real-style tokenizer: byte-level BPE as Qwen2.5 (</think> is ordinary text) and Qwen3 (one token)
+# ----------------------------------------------------------------------------
+
+# Qwen2's pre-tokenizer: words, single digits, runs of punctuation with their newlines. It makes
+# ".</think>\n\n" the pieces ".</", "think", ">\n\n", as Qwen2.5's own tokenizer encodes it.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_TEMPLATE = ("{%- if messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                 "{%- endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                 "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+
+
+@functools.lru_cache(maxsize=None)  # one of each style for the whole suite: never change it in a test
+def bpe_tokenizer(style: str):
+    """A byte-level BPE tokenizer trained in code (no download, ~0.5 s) on GSM8K-like text, with Qwen's
+    pre-tokenizer, special tokens and chat template. style "qwen2.5": `</think>` is ordinary text that the
+    merges join with its neighbours; "qwen3": `<think>` and `</think>` are one added token each (as Qwen3's,
+    not special: decoding keeps them)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    rows = [json.loads(line) for line in GSM8K_TRAIN.split("\n") if line]
+    corpus = [r["question"] + "\n" + ar.INSTRUCTION + "\n<think>\n" + r["answer"].replace("####", "So the answer is")
+              + ".</think>\n\n" + ar.ANSWER_HEADING + "\nThe answer is \\boxed{" + r["answer"].rpartition("#### ")[2]
+              + "}." for r in rows]
+    corpus += [ar.TRUNCATED_INSERT, ar.CLOSED_INSERT] * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus * 3, trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    t.chat_template = QWEN_TEMPLATE
+    if style == "qwen3":
+        t.add_tokens([AddedToken(x, special=False, normalized=False) for x in ("<think>", "</think>")])
+    return t
+
+
+def pieces(tok, text: str) -> list[str]:
+    """The tokens of `text`, byte-level pieces shown as text."""
+    return [tok.decode([i]) for i in ar.encode(tok, text)]
+
+
+def scripted_bpe_model(tok, think: list[int], summary: list[int]):
+    """A tiny Qwen2 whose output is forced: after the prompt it writes `think`, after a summary prompt
+    (its last token closes "**Final Answer**\\n") it writes `summary`, then EOS. Each row remembers
+    where its script started from the position of the token that opened it."""
+    model = ts.tiny_model(tok, hidden=32, layers=1).eval()
+    opens_think = ar.encode(tok, ar.format_prompt(tok, "q"))[-1]
+    opens_summary = ar.encode(tok, ar.CLOSED_INSERT)[-1]
+    assert ar.encode(tok, ar.TRUNCATED_INSERT)[-1] == opens_summary and opens_think != opens_summary
+    assert opens_think not in think + summary and opens_summary not in think + summary
+    state = {}
+
+    def remember(module, args, kwargs):
+        ids, pos = kwargs["input_ids"], kwargs["position_ids"]
+        state["next"] = (pos[:, -1] + 1).tolist()
+        for r, (last, q) in enumerate(zip(ids[:, -1].tolist(), state["next"])):
+            if last in (opens_think, opens_summary):
+                state[r] = (think if last == opens_think else summary, q)
+
+    def force(module, args, logits):
+        forced = torch.full_like(logits, -30.0)
+        for r, q in enumerate(state["next"]):
+            script, start = state[r]
+            forced[r, -1, script[q - start] if q - start < len(script) else tok.eos_token_id] = 30.0
+        return forced
+    model.register_forward_pre_hook(remember, with_kwargs=True)
+    model.lm_head.register_forward_hook(force)
+    return model
+
+
+@pytest.mark.parametrize("style", ["qwen2.5", "qwen3"])
+@pytest.mark.parametrize("stop_at_box", [False, True], ids=["to-eos", "at-box"])
+def test_bpe_rollout_keeps_the_sampled_ids(style, stop_at_box, monkeypatch):
+    """On byte-level BPE: the model writes `</think>` across merged tokens (".</" "think" ">\\n\\n" in
+    Qwen2.5's style, "." "</think>" in Qwen3's) after a thinking sampled one character per token (its
+    text re-encodes to other ids). The rollout stops there; every summary prompt is the prompt's ids +
+    the sampled thinking's ids up to the cut + the insert's ids, and every packed row the same plus
+    the sampled summaries: no decode and re-encode. The summary's box straddles merged tokens
+    (" \\" "boxed" "{" "7" "2" "}."): scored by its text."""
+    tok = bpe_tokenizer(style)
+    close_pieces = pieces(tok, ".</think>\n\n")
+    assert close_pieces == ([".</", "think", ">\n\n"] if style == "qwen2.5" else [".", "</think>", "\n\n"])
+    think_end = ar.encode(tok, ar.THINK_END)
+    assert len(think_end) == (3 if style == "qwen2.5" else 1)
+    by_char = [i for ch in "So 48+24=72" for i in ar.encode(tok, ch)]
+    assert ar.encode(tok, tok.decode(by_char)) != by_char               # re-encoding would change the ids
+    think = by_char + ar.encode(tok, ".</think>\n\n")
+    L = len(think) - (1 if style == "qwen3" else 0)                     # Qwen3 stops on the </think> id
+    summary = ar.encode(tok, "The answer is \\boxed{72}. Done")
+    assert pieces(tok, "The answer is \\boxed{72}.")[-6:] == [" \\", "boxed", "{", "7", "2", "}."]
+    model = scripted_bpe_model(tok, think, summary)
+    prompt = ar.format_prompt(tok, "Natalia sold 48 clips and 24 more. How many?")
+    calls, generate = [], ar.generate
+    monkeypatch.setattr(ar, "generate", lambda m, t, seqs, *a, **k: calls.append(seqs) or generate(m, t, seqs, *a, **k))
+    budgets = [4, 8, 12, 16]
+    ro = ar.rollout(model, tok, [prompt], budgets, num_traces=2, num_summaries=2, summary_max_tokens=16,
+                    stop_at_box=stop_at_box)
+    P, ins = ar.encode(tok, prompt), ar.insert_ids(tok)
+    wrote = summary[:6 + len(ar.encode(tok, "The answer is"))] if stop_at_box else summary + [tok.eos_token_id]
+    assert tok.decode(wrote).startswith("The answer is \\boxed{72}.")
+    assert ro.think_ids == [[think[:L], think[:L]]] and ro.closed.all()
+    assert ro.cuts[0, 0].tolist() == [4, 8, 12, L] and ro.truncated[0, 0].tolist() == [True, True, True, False]
+    assert ro.summary_ids == [[[[wrote] * 2] * 4] * 2]
+    cuts = [(4, True), (8, True), (12, True), (L, False)]
+    assert calls[1] == [P + think[:c] + ins[t] for _ in range(2) for c, t in cuts for _ in range(2)]
+    packed = ar.pack_rollout(ro, tok)
+    row = P + think[:L] + [i for c, t in cuts for _ in range(2) for i in ins[t] + wrote]
+    assert packed.input_ids.tolist() == [row, row]
+    assert ar.score_rollout(ro, ["72"]).eq(1).all() and ar.score_rollout(ro, ["7"]).eq(0).all()
+
+
+def test_train_small_on_a_bpe_tokenizer_folder_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """train_small.py on a model folder laid out like a hub model (config.json, weights, tokenizer.json,
+    the chat template) with a byte-level BPE tokenizer: the tokenizer loads back as it was saved, in both
+    styles; with Qwen2.5's, a step, an evaluation and a checkpoint, then --resume for a second step, give
+    the two-step run exactly (questions, rollouts, weights). The run's figure is redrawn at each evaluation."""
+    for style in ("qwen3", "qwen2.5"):
+        tok, folder = bpe_tokenizer(style), tmp_path / style
+        ts.tiny_model(tok, hidden=32, layers=1).save_pretrained(folder)
+        tok.save_pretrained(folder)
+        loaded = ts.load_model(str(folder), torch.device("cpu"))[1]      # as train_small.py loads it
+        assert pieces(loaded, ".</think>\n\n") == pieces(tok, ".</think>\n\n")
+        assert ar.format_prompt(loaded, "q") == ar.format_prompt(tok, "q") and "<|im_start|>system" in ar.format_prompt(tok, "q")
+    common = ["--model", str(folder), "--data-dir", gsm8k_dir(tmp_path), "--max-think", "8", "--questions-per-step",
+              "2", "--traces", "2", "--summary-max-tokens", "4", "--eval-size", "2", "--eval-every", "1",
+              "--device", "cpu", "--lr", "0.01"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    ts.main(common + ["--steps", "1", "--out-dir", str(a)])
+    ts.main(["--resume", str(a / "ckpt"), "--steps", "2"])
+    figures, evaluate = [], ts.evaluate_model     # the straight run's figure as each evaluation starts
+    read = lambda: (b / "anytime_accuracy.png").read_bytes() if (b / "anytime_accuracy.png").exists() else None
+    monkeypatch.setattr(ts, "evaluate_model", lambda *x, **k: figures.append(read()) or evaluate(*x, **k))
+    ts.main(common + ["--steps", "2", "--out-dir", str(b)])
+    assert "resumed from" in capsys.readouterr().out
+    # the figure is redrawn at every evaluation (steps 0, 1, 2), not only at the end
+    assert figures[0] is None and None not in figures[1:] and len(set(figures[1:] + [read()])) == 3
+    assert pieces(ts.load_model(str(a / "ckpt"), torch.device("cpu"))[1], ".</think>\n\n") == [".</", "think", ">\n\n"]
+    assert [x["step"] for x in jsonl_rows(a / "eval.jsonl")] == [0, 1, 2]
+    same = ("questions", "reward", "acc", "think_len", "gen_tokens")
+    assert [{k: x[k] for k in same} for x in jsonl_rows(a / "metrics.jsonl")] == \
+        [{k: x[k] for k in same} for x in jsonl_rows(b / "metrics.jsonl")]
+    from safetensors.torch import load_file
+    weights_a, weights_b, start = (load_file(p / "model.safetensors") for p in (a / "ckpt", b / "ckpt", folder))
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in start)
+    assert max((weights_a[k] - start[k]).abs().max().item() for k in start) > 1e-4     # and they moved
+
+
+def test_tensorboard_gets_each_step_and_evaluation(tmp_path):
+    """--tensorboard writes event files that TensorBoard reads back: every step's metrics (accuracy per
+    budget among them) and every evaluation, with the values of metrics.jsonl and eval.jsonl. The model
+    thinks `\\boxed{4}` then EOS, so the evaluation's accuracy differs between budgets (as in
+    test_eval_only_draws_the_curve_of_a_model_or_a_checkpoint: [1/2, 0, 0] on the first two questions)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tok, model_dir, out = ts.tiny_tokenizer(), tmp_path / "model", tmp_path / "run"
+    chain_model(tok, "\\boxed{4}").save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    ts.main(["--model", str(model_dir), "--data-dir", gsm8k_dir(tmp_path), "--budgets", "2,4,6", "--max-think", "6",
+             "--eval-grid", "2", "--questions-per-step", "2", "--traces", "2", "--summary-max-tokens", "8",
+             "--eval-size", "2", "--eval-every", "1", "--steps", "2", "--device", "cpu", "--out-dir", str(out),
+             "--tensorboard"])
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    scalar = lambda tag: [(e.step, e.value) for e in board.Scalars(tag)]
+    steps, evals = jsonl_rows(out / "metrics.jsonl"), jsonl_rows(out / "eval.jsonl")
+    assert [x["accuracy"] for x in evals] == [[0.5, 0.0, 0.0]] * 3
+    # the event file holds float32: within one rounding, EPS/2 x |value|
+    for name in ("reward", "think_len", "clipfrac", "approx_kl", "s_per_step"):
+        close([v for _, v in scalar(name)], [x[name] for x in steps], EPS * max(abs(x[name]) for x in steps), name)
+        assert [s for s, _ in scalar(name)] == [1, 2]
+    for s, b in enumerate([2, 4, 6]):
+        close([v for _, v in scalar(f"acc/budget_{b:04d}")], [x["acc"][s] for x in steps], EPS)
+        close([v for _, v in scalar(f"eval/accuracy/budget_{b:04d}")], [x["accuracy"][s] for x in evals], EPS)
+    assert [s for s, _ in scalar("eval/anytime_score")] == [0, 1, 2]
+
+
+def test_tensorboard_missing_is_one_line_that_says_what_to_install(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    assert "--tensorboard needs the tensorboard package: pip install tensorboard" in \
+        exits_with_one_line(["--tensorboard"], capsys)
+    assert "drop it with --demo" in exits_with_one_line(["--demo", "--tensorboard"], capsys)
+
+
+# ----------------------------------------------------------------------------
+# The GPU benchmark, rehearsed on a CPU
+# ----------------------------------------------------------------------------
+
+def test_the_gpu_benchmark_rehearsed_on_a_cpu(tmp_path, capsys, monkeypatch):
+    """`python -m experiments.bench --cpu-rehearsal` runs every line of the --gpu run on a CPU at a small
+    size (the default configuration's memory, the rollout, loss and step rows in their GPU form, the
+    bandwidth row, the static KV cache compiled by torch.compile, the report), with no CUDA call left
+    outside the one object it replaces: here every torch.cuda call that the --gpu run makes raises. The
+    answer checker's row is the CPU benchmark's, the same in both: left out here."""
+    from types import SimpleNamespace
+    from experiments import bench
+    for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated",
+                 "max_memory_reserved", "empty_cache", "get_device_name"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, n=name, **k: pytest.fail(f"torch.cuda.{n} called"))
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    out = tmp_path / "report.json"
+    bench.main(["--cpu-rehearsal", "--repeats", "1", "--only", "rollout,loss,step,summary,gpu", "--out", str(out),
+                "--data", str(tmp_path / "no-gsm8k.jsonl")])
+    report, printed = json.loads(out.read_text()), capsys.readouterr().out
+    compiled = dynamo.utils.counters["stats"]["unique_graphs"]
+    dynamo.reset()
+    r, c = report["results"], SimpleNamespace(**bench.REHEARSAL)
+    assert set(r) == {"default_memory", "rollout", "loss", "step", "summary", "bandwidth", "static_cache"}
+    assert "error" not in r["static_cache"] and compiled >= 1         # the static cache was compiled
+    assert len(r["default_memory"]["steps"]["s_per_step"]) == 2 and r["default_memory"]["evaluation"]["s"] > 0
+    # equal work on every side: every trace thinks max_think tokens, every summary runs its maximum
+    M = c.B * c.G * (c.max_think + c.S * c.A * c.summary)
+    assert {k: v["tokens"] for k, v in r["rollout"].items()} == dict.fromkeys(("ours", "plain", "reencode", "concat"), M)
+    assert r["bandwidth"]["tokens"] == c.decode_rows * c.max_think
+    # At ratio 1 the loss is -(sum of the trained tokens' advantages) / normaliser, whatever the log-probs: packed
+    # and unpacked sum the same M' <= M float32 terms, each |adv| <= 1, in other orders: within M' EPS M' / normaliser
+    M, normaliser = c.loss_B * c.G * (c.max_think + c.S * c.A * c.summary), c.loss_B * c.G * c.max_think
+    close(r["loss"]["packed"]["loss"], r["loss"]["unpacked"]["loss"], M * EPS * M / normaliser)
+    assert "max_memory_allocated" in r["loss"]["memory_method"]                  # the GPU branch, rehearsed
+    table = [line.split(" | ")[0][2:] for line in printed.splitlines() if line.startswith("| ")]
+    assert table == ["benchmark", "---", "G default config, steps: peak allocated / reserved, GiB",
+                     "G default config, evaluation: peak allocated / reserved, GiB", f"1 rollout, tokens/s (S={c.S}, A={c.A})",
+                     "1 rollout, tokens/s (summaries on the thinking's cache vs re-encoded)",
+                     "1 rollout, tokens/s (KV written into a buffer vs DynamicLayer's torch.cat)",
+                     "2 loss fwd+bwd, s (packed vs unpacked)", "2 loss peak memory, MiB", "3 RL step, s (grpo vs TRL)",
+                     "3 RL step, s (ar-uniform vs grpo)", "5 summary tokens (Qwen2.5)",
+                     f"G decode tokens/s, {c.decode_rows} rows (vs bound)", "G generate, s (static+compile vs dynamic)"]
+    assert all(line.count(" | ") == 4 for line in printed.splitlines() if line.startswith("| ")) and "REHEARSAL" in printed

@@ -24,6 +24,7 @@ import contextlib
 import copy
 import datetime
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -109,6 +110,8 @@ class Args:
     # the run
     out_dir: str = arg("out", "folder for metrics, evaluations, the figure and the checkpoint (--eval-only: out-eval)")
     save_every: int = arg(25, "save a checkpoint every N steps, after the last, and on Ctrl-C")
+    tensorboard: bool = arg(False, "also log each step's metrics and each evaluation for TensorBoard, into "
+                            "--out-dir/tensorboard (pip install tensorboard; view: tensorboard --logdir OUT_DIR)")
     overwrite: bool = arg(False, "start afresh in an --out-dir that holds a run, replace a finished demo, "
                           "or with --eval-only replace an earlier evaluation")
     resume: str | None = arg(None, "checkpoint folder to continue exactly from, e.g. out/ckpt")
@@ -212,6 +215,10 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
     prior = ar.budget_prior(args.prior, args.budgets)
     grid, eval_prompts = eval_grid(args), [make_prompt(x["question"]) for x in eval_set]
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    board = tensorboard_writer(args, start_step)  # --tensorboard only
+    # the figure, redrawn at every evaluation (the demo draws its own at its end)
+    figure = None if args.demo else os.path.join(args.out_dir, "anytime_accuracy.png")
+    title = figure_title(args.model, args.preset, len(eval_set), args.eval_temperature)
     # --kl-coef > 0: a frozen copy of the starting weights; never made when KL is off
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.kl_coef > 0 else None
     order = np.random.default_rng(args.seed).permutation(len(train_set))  # a fixed data order: resumable
@@ -220,6 +227,11 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
         r = evaluate_model(model, tokenizer, eval_prompts, [x["answer"] for x in eval_set], args, grid)
         append_jsonl(eval_path, {"step": step, **r})
         print(format_table({f"step {step}": r}))
+        if board:
+            board_scalars(board, step, {"anytime_score": r["anytime_score"], "think_len": r["mean_think_len"],
+                                        "accuracy": r["accuracy"]}, r["budgets"], "eval/")
+        if figure and RANK == 0:  # the curve so far against the one before training
+            plot_curves({**({"before": first} if step and first else {}), f"step {step}": r}, figure, title)
         return r
     # a resumed run's "before" is the step-0 evaluation its first run logged (None if not there)
     first = run_eval(0) if start_step == 0 else logged_eval(eval_path, 0) if RANK == 0 else None
@@ -235,6 +247,9 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
                         [train_set[i]["answer"] for i in idx], args, prior, device, ref_model)
             step += 1
             append_jsonl(metrics_path, {"step": step, **m, "questions": idx})  # indices into train_set
+            if board:
+                board_scalars(board, step, {k: m[k] for k in ("reward", "acc", "think_len", "clipfrac", "approx_kl",
+                                                              "grad_norm", "gen_tok_s", "s_per_step")}, args.budgets)
             print(f"{tag.strip('-') or 'step'} {step:4d} | reward {m['reward']:.3f} | acc/budget "
                   + " ".join(f"{a:.2f}" for a in m["acc"]) + f" | think {m['think_len']:.0f} tok | clip "
                   f"{m['clipfrac']:.3f} | kl {m['approx_kl']:.1e} | {m['gen_tok_s']:.0f} gen tok/s | "
@@ -248,6 +263,8 @@ def train(args: Args, model, tokenizer, train_set, eval_set, make_prompt, device
         stopped = any_rank(ctrl_c.pressed)
         if stopped and saved != step and not args.demo:  # Ctrl-C came after the step's save check
             save_checkpoint(ckpt_path, model, tokenizer, optimizer, step, data_pos, args)
+    if board:
+        board.close()
     if stopped:
         launch = "python" if WORLD == 1 else "torchrun --nproc_per_node N"  # any N
         print(f"stopped at step {step}; " + (stop_hint or f"continue with: {launch} train_small.py --resume {ckpt_path}"))
@@ -662,6 +679,10 @@ def parse_args(argv=None) -> Args:
             die(f"--model {folder} is a file; pass the model's folder")
         if not os.path.isfile(os.path.join(folder, "config.json")):
             die(f"--model {folder}: no config.json there, so not a Hugging Face model folder")
+    if cfg["tensorboard"] and (cfg["demo"] or cfg["eval_only"]):
+        die("--tensorboard logs a training run; drop it with --demo or --eval-only")
+    if cfg["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
+        die("--tensorboard needs the tensorboard package: pip install tensorboard")
     if cfg["device"] != "auto":
         try:
             device = torch.device(cfg["device"])
@@ -1073,6 +1094,27 @@ def logged_eval(path: str, step: int) -> dict | None:
     """The evaluation logged at `step` in an eval.jsonl, without its step; None if not there."""
     row = next((r for r in read_jsonl(path) if r["step"] == step), None)
     return row and {k: v for k, v in row.items() if k != "step"}
+
+
+def tensorboard_writer(args: Args, start_step: int):
+    """--tensorboard: a SummaryWriter into --out-dir/tensorboard on rank 0; None without the flag. A fresh
+    run empties the folder; a resumed one hides what was logged after its checkpoint (purge_step), as it
+    drops those rows of its logs."""
+    if not args.tensorboard or RANK != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # only here: tensorboard is optional
+    folder = os.path.join(args.out_dir, "tensorboard")
+    if start_step == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    return SummaryWriter(folder, purge_step=start_step + 1 if start_step else None, flush_secs=30)
+
+
+def board_scalars(board, step: int, row: dict, budgets: list[int], prefix: str = ""):
+    """A log row's numbers as TensorBoard scalars at `step`; a list of one number per budget as
+    NAME/budget_B (zero-padded, so that TensorBoard sorts them by budget)."""
+    for name, value in row.items():
+        for b, x in zip(budgets, value) if isinstance(value, list) else [(None, value)]:
+            board.add_scalar(prefix + name + ("" if b is None else f"/budget_{b:04d}"), x, step)
 
 
 def write_json(path: str, obj):

@@ -25,15 +25,22 @@ completion) runs to its maximum length on every side.
     python -m experiments.bench      # CPU, tiny random Qwen2 (hidden 256, 4 layers): a few minutes
     python -m experiments.bench --threads 1  # steadier on a busy machine
     python -m experiments.bench --gpu        # CUDA: Qwen2.5-0.5B-Instruct's architecture, random weights
+    python -m experiments.bench --cpu-rehearsal  # the --gpu run on a CPU at a small size, seconds (the tests run it)
+    python -m experiments.bench --activation-memory  # one micro-batch's activations at Qwen2.5-0.5B's size, CPU
+
+The --gpu run's calls that only CUDA has (synchronisation, peak-memory counters, bf16 autocast) go
+through one object, ACCEL; --cpu-rehearsal puts CPU stand-ins there and a tiny model in Qwen's place,
+so that every other line of the --gpu run runs in the tests before a GPU is ever lent.
 """
 from __future__ import annotations
 
 import argparse, bisect, copy, datetime, importlib.metadata, json, os, platform, random, resource, shlex
-import statistics, subprocess, sys, tempfile, time, warnings
+import statistics, subprocess, sys, tempfile, time, warnings, weakref
 from types import SimpleNamespace
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import DynamicCache, GenerationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # also as a plain script
@@ -41,11 +48,21 @@ import anytime_reasoner as ar  # noqa: E402
 import train_small as ts  # noqa: E402
 
 # Problem sizes. The CPU one keeps the GPU one's proportions (summary ~ thinking / 8), smaller.
-# loss_B: questions in the packed-loss comparison (the unpacked side is slow on a CPU).
+# loss_B: questions in the packed-loss comparison (the unpacked side is slow on a CPU); decode_rows:
+# rows of the bandwidth and static-cache rows; default_flags, default_prompt_len: train_small.py's
+# defaults with prompts of 256 tokens (the worst case docs/performance.md predicts), or smaller;
+# model: Qwen2.5-0.5B's architecture or a tiny Qwen2 of (hidden size, layers).
 CPU = dict(B=4, G=4, S=4, A=4, max_think=96, summary=12, prompt_len=32, micro_batch=4, loss_B=1,
-           think_batch=64, summary_batch=256, chunk_size=4096)
+           think_batch=64, summary_batch=256, chunk_size=4096, model=(256, 4))
 GPU = dict(B=8, G=8, S=4, A=4, max_think=512, summary=48, prompt_len=128, micro_batch=4, loss_B=8,
-           think_batch=128, summary_batch=512, chunk_size=1024)
+           think_batch=128, summary_batch=512, chunk_size=1024, model="qwen2.5-0.5b", decode_rows=64,
+           default_flags=[], default_prompt_len=256)
+REHEARSAL = dict(B=2, G=2, S=4, A=2, max_think=8, summary=3, prompt_len=12, micro_batch=2, loss_B=1,
+                 think_batch=4, summary_batch=16, chunk_size=64, model=(32, 1), decode_rows=4,
+                 default_flags=["--questions-per-step", "2", "--traces", "2", "--max-think", "8",
+                                "--summary-max-tokens", "3", "--micro-batch", "2", "--think-batch", "4",
+                                "--summary-batch", "16", "--eval-size", "3", "--eval-grid", "4"],
+                 default_prompt_len=12)
 # Qwen/Qwen2.5-0.5B-Instruct's public configuration (random weights: nothing is downloaded).
 QWEN05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
@@ -57,16 +74,17 @@ GIB, MIB = 2 ** 30, 2 ** 20
 # Setup: models with fixed generation lengths, prompts, timing
 # ----------------------------------------------------------------------------
 
-def build_model(gpu: bool, tok, device, dtype=torch.float32):
-    """The same random weights on every call; sampling never picks a stop token."""
+def build_model(name, tok, device, dtype=torch.float32):
+    """The same random weights on every call: "qwen2.5-0.5b" or (hidden, layers) of a tiny Qwen2.
+    Sampling never picks a stop token."""
     torch.manual_seed(0)
-    if gpu:
+    if name == "qwen2.5-0.5b":
         from transformers import Qwen2Config, Qwen2ForCausalLM
         with torch.device(device):
             model = Qwen2ForCausalLM(Qwen2Config(**QWEN05B, pad_token_id=tok.pad_token_id,
                                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id))
     else:
-        model = ts.tiny_model(tok, hidden=256, layers=4)
+        model = ts.tiny_model(tok, hidden=name[0], layers=name[1])
     model = model.to(device, dtype).eval()
     banned = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     banned[len(tok):] = True  # GPU: the tiny tokenizer's ids live at the start of Qwen's vocabulary
@@ -88,9 +106,35 @@ def make_prompts(n: int, length: int, path: str) -> tuple[list[str], list[str]]:
     return [ts.demo_prompt(q[:length - 3]) for q, _ in qa], [a for _, a in qa]
 
 
+def accelerator(kind: str) -> SimpleNamespace:
+    """Every call of the --gpu run that only CUDA has, in one place (kind "cuda"), and its stand-ins:
+    "rehearsal" (--cpu-rehearsal) runs the --gpu run's every other line on a CPU, with bf16 autocast on
+    the CPU, peak memory from the process's peak resident memory (it never falls, so only the code is
+    rehearsed, not the figures) and torch.compile with its "eager" backend; "cpu" is the CPU benchmark."""
+    if kind == "cuda":
+        return SimpleNamespace(gpu=True, synchronize=torch.cuda.synchronize, empty_cache=torch.cuda.empty_cache,
+                               reset_peak=torch.cuda.reset_peak_memory_stats, allocated=torch.cuda.memory_allocated,
+                               peak_allocated=torch.cuda.max_memory_allocated,
+                               peak_reserved=torch.cuda.max_memory_reserved, name=torch.cuda.get_device_name,
+                               autocast=lambda: torch.autocast("cuda", dtype=torch.bfloat16),
+                               compile_config=None)  # transformers' own: inductor, CUDA graphs
+    base = [peak_rss()]
+    peak = lambda: peak_rss() - base[0]
+    compile_config = transformers.CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True  # transformers compiles generate() on a CPU only when told to
+    return SimpleNamespace(gpu=kind == "rehearsal", synchronize=lambda: None, empty_cache=lambda: None,
+                           reset_peak=lambda: base.__setitem__(0, peak_rss()), allocated=lambda: 0,
+                           peak_allocated=peak, peak_reserved=peak,
+                           name=lambda device: "CPU (rehearsal of --gpu)" if kind == "rehearsal" else None,
+                           autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=kind == "rehearsal"),
+                           compile_config=compile_config)
+
+
+ACCEL = None  # main() sets it: accelerator("cuda"), ("rehearsal") or ("cpu")
+
+
 def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    ACCEL.synchronize()
 
 
 def timed(fn, device) -> tuple[float, object]:
@@ -104,19 +148,21 @@ def timed(fn, device) -> tuple[float, object]:
 
 def race(device, repeats: int, **fns) -> dict:
     """A warm-up run of each fn, then `repeats` rounds taking turns (a, b, a, b, ...).
-    Returns {name: {"median_s", "times_s", "result"}}; result is what the last run returned."""
-    times, result = {k: [] for k in fns}, {}
+    Returns {name: {"median_s", "times_s", "warmup_s", "result"}}; result is what the last run returned."""
+    times, result, warmup = {k: [] for k in fns}, {}, {}
     for r in range(repeats + 1):
         for name, fn in fns.items():
             dt, result[name] = timed(fn, device)
             if r:
                 times[name].append(dt)
-    return {k: {"median_s": statistics.median(v), "times_s": [round(x, 4) for x in v],
+            else:
+                warmup[name] = dt
+    return {k: {"median_s": statistics.median(v), "times_s": [round(x, 4) for x in v], "warmup_s": warmup[k],
                 "result": result[k]} for k, v in times.items()}
 
 
 def autocast(device):  # as train_small.py: bf16 autocast on a GPU, fp32 elsewhere
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return ACCEL.autocast()
 
 
 # ----------------------------------------------------------------------------
@@ -128,7 +174,7 @@ def plain_generate(model, tok, seqs, max_new: int, batch_size: int, stop: list[i
     Returns the new tokens of each row (lengths are fixed: nothing to cut)."""
     config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
                               max_new_tokens=max_new, eos_token_id=stop, pad_token_id=tok.pad_token_id,
-                              cache_implementation=cache)
+                              cache_implementation=cache, compile_config=ACCEL.compile_config if cache else None)
     device, out = next(model.parameters()).device, [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for start in range(0, len(order), batch_size):
@@ -222,7 +268,7 @@ def loss_backward(model, ro, tok, scores, c, device, packed: bool) -> tuple[floa
             owner = idx[owner]
         adv = ar.token_advantages(batch, think_adv[owner], summ_adv[owner]).to(device)
         with autocast(device):
-            lp = ar.packed_logprobs(model, batch, c.chunk_size, torch.bfloat16 if device.type == "cuda" else None)
+            lp = ar.packed_logprobs(model, batch, c.chunk_size, torch.bfloat16 if ACCEL.gpu else None)
         mask = (batch.adv_index >= 0).to(device)
         loss, _ = ar.policy_loss(lp, lp.detach(), adv, mask, B * G * ro.budgets[-1])
         loss.backward()
@@ -245,7 +291,7 @@ def memory_child(path: str, kind: str):
     saved = torch.load(path, weights_only=False)
     torch.set_num_threads(saved["threads"])
     tok = ts.tiny_tokenizer()
-    model = build_model(False, tok, torch.device("cpu"))
+    model = build_model(CPU["model"], tok, torch.device("cpu"))
     model.load_state_dict(saved["state"])
     model.train()
     before = peak_rss()
@@ -255,11 +301,11 @@ def memory_child(path: str, kind: str):
 
 
 def peak_memory(kind: str, model, ro, tok, scores, c, device) -> int:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    if ACCEL.gpu:
+        ACCEL.reset_peak()
+        base = ACCEL.allocated()
         loss_backward(model, ro, tok, scores, c, device, kind == "packed")
-        return torch.cuda.max_memory_allocated() - base
+        return ACCEL.peak_allocated() - base
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "loss.pt")
         torch.save({"state": model.state_dict(), "ro": ro, "scores": scores, "c": vars(c),
@@ -284,7 +330,7 @@ def bench_loss(model, tok, prompts, c, device, repeats) -> dict:
     r["traces"] = c.loss_B * c.G
     r["tokens_per_trace"] = {"packed": ar.pack_rollout(ro, tok, [(0, 0)]).input_ids.numel(),
                              "unpacked": unpacked_batch(ro, tok, [(0, 0)])[2]}
-    r["memory_method"] = ("torch.cuda.max_memory_allocated over memory_allocated before" if device.type == "cuda"
+    r["memory_method"] = ("torch.cuda.max_memory_allocated over memory_allocated before" if ACCEL.gpu
                           else "rise of the peak resident memory (VmHWM) in a fresh subprocess")
     return r
 
@@ -342,7 +388,7 @@ def bench_trl(make_model, tok, prompts, truths, c, device, repeats, ours) -> dic
         per_device_train_batch_size=c.micro_batch, gradient_accumulation_steps=c.B * c.G // c.micro_batch,
         num_generations=c.G, max_completion_length=c.max_think + c.summary, num_iterations=1, beta=0.0,
         use_vllm=False, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, learning_rate=1e-6,
-        max_steps=repeats + 1, bf16=device.type == "cuda", use_cpu=device.type == "cpu",
+        max_steps=repeats + 1, bf16=ACCEL.gpu, use_cpu=device.type == "cpu",
         activation_checkpointing=False, gradient_checkpointing=False, shuffle_dataset=False,
         logging_strategy="no", save_strategy="no", report_to="none", log_completions=False, seed=0)
     settings = {k: v for k, v in settings.items() if k in trl.GRPOConfig.__dataclass_fields__}
@@ -435,7 +481,8 @@ def bench_summary_length(path: str) -> dict | None:
 def bench_bandwidth(model, tok, prompts, c, device, repeats, bandwidth_gbs: float) -> dict:
     """Thinking decode of 64 rows with ar.generate: tokens/s, and the fraction of the bound where
     every decode step reads all the weights plus every row's KV cache so far at full bandwidth."""
-    rows, L, seqs = 64, c.max_think, [ar.encode(tok, p) for p in prompts[:64]]
+    rows, L = c.decode_rows, c.max_think
+    seqs = [ar.encode(tok, p) for p in prompts[:rows]]
     r = race(device, repeats, decode=lambda: sum(map(len, ar.generate(
         model, tok, seqs, L, 1.0, rows, think_end=ar.encode(tok, ar.THINK_END)))))["decode"]
     cfg = model.config
@@ -453,26 +500,98 @@ def bench_bandwidth(model, tok, prompts, c, device, repeats, bandwidth_gbs: floa
 def bench_static_cache(model, tok, prompts, c, device, repeats) -> dict:
     """HF generate, 64 rows: cache_implementation="static" (transformers then compiles the decode
     step with torch.compile; the warm-up run pays for compiling) vs the default dynamic cache."""
-    seqs, stop = [ar.encode(tok, p) for p in prompts[:64]], ar.stop_ids(tok)
-    r = race(device, repeats, **{name: (lambda k=cache: plain_generate(model, tok, seqs, c.max_think, 64, stop, k))
+    seqs, stop = [ar.encode(tok, p) for p in prompts[:c.decode_rows]], ar.stop_ids(tok)
+    r = race(device, repeats, **{name: (lambda k=cache: plain_generate(model, tok, seqs, c.max_think, len(seqs), stop, k))
                                  for name, cache in (("dynamic", None), ("static", "static"))})
-    return {k: {"median_s": v["median_s"], "times_s": v["times_s"]} for k, v in r.items()}
+    return {k: {"median_s": v["median_s"], "times_s": v["times_s"], "warmup_s": v["warmup_s"]} for k, v in r.items()}
 
 
-def bench_default_memory(tok, data, device) -> dict:
-    """Peak memory of one rl_step of train_small.py's defaults (B=16, G=8, S=4, A=4, 512 thinking
-    + 48 summary tokens, micro-batch 4, gradient checkpointing, bf16 autocast, fp32 weights and
-    AdamW), every trace and summary at full length: the worst case."""
-    args = ts.parse_args(["--device", device.type])
-    prompts, truths = make_prompts(args.questions_per_step, GPU["prompt_len"], data)
-    model = build_model(True, tok, device)
-    model.gradient_checkpointing_enable()
+def bench_default_memory(tok, c, device) -> dict:
+    """Peak memory of train_small.py's defaults (B=16, G=8, S=4, A=4, 512 thinking + 64 summary tokens,
+    micro-batch 4, gradient checkpointing, bf16 autocast, fp32 weights and AdamW), every trace and
+    summary at full length, prompts of default_prompt_len tokens: the worst case, as docs/performance.md
+    predicts it. Two rl_steps (from the second on, AdamW's state and the last gradients are held
+    through the rollout), then an evaluation (200 questions, 8 budgets), each with its own peak."""
+    args = ts.parse_args(["--device", device.type] + c.default_flags)
+    model = build_model(c.model, tok, device)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.config.use_cache = True
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    torch.cuda.reset_peak_memory_stats()
-    m = ts.rl_step(model, tok, opt, prompts, truths, args, ar.budget_prior(args.prior, args.budgets), device)
-    return {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
-            "peak_reserved_bytes": torch.cuda.max_memory_reserved(), "s_per_step": m["s_per_step"]}
+    prompts, truths = make_prompts(max(args.questions_per_step, args.eval_size), c.default_prompt_len, "")
+    ACCEL.reset_peak()
+    steps = [ts.rl_step(model, tok, opt, prompts[:args.questions_per_step], truths, args,
+                        ar.budget_prior(args.prior, args.budgets), device) for _ in range(2)]
+    out = {"steps": {"peak_allocated_bytes": ACCEL.peak_allocated(), "peak_reserved_bytes": ACCEL.peak_reserved(),
+                     "s_per_step": [m["s_per_step"] for m in steps]}}
+    ACCEL.reset_peak()
+    t = time.time()
+    ts.evaluate_model(model, tok, prompts[:args.eval_size], truths, args, ts.eval_grid(args))
+    out["evaluation"] = {"peak_allocated_bytes": ACCEL.peak_allocated(), "peak_reserved_bytes": ACCEL.peak_reserved(),
+                         "s": time.time() - t}
+    return out
+
+
+class LiveBytes(TorchDispatchMode):
+    """Inside it, the bytes of tensor storage that ops create and that are still alive (`now`) and their
+    most (`peak`): what torch.cuda.memory_allocated and max_memory_allocated count on a GPU, from zero."""
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.alive = set()  # data pointers of the storages counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            storage = t.untyped_storage() if isinstance(t, torch.Tensor) else None
+            if storage is not None and storage.nbytes() and storage.data_ptr() not in self.alive:
+                self.alive.add(storage.data_ptr())
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self.free, storage.data_ptr(), storage.nbytes())
+        return out
+
+    def free(self, ptr: int, nbytes: int):
+        self.alive.discard(ptr)
+        self.now -= nbytes
+
+
+def activation_memory(flags=(), model_name="qwen2.5-0.5b", prompt_len: int = 256, insert_len: int = 12) -> dict:
+    """What one micro-batch of train_small.py's defaults (or of its `flags`) adds to memory in the PPO
+    update, at Qwen2.5-0.5B's size, on a CPU: --micro-batch packed traces, each the worst case (a prompt
+    of prompt_len tokens, 512 thinking tokens, 16 summary blocks of insert_len + 64 tokens), forward and
+    backward of ar.anytime_loss under gradient checkpointing and bf16 autocast (the CPU's, standing in for
+    the GPU's), the output layer in chunks of --chunk-size positions. The fp32 weights and their gradients
+    exist before (the gradients from the micro-batches before this one); the figures are LiveBytes' count
+    above them. 5 to 10 minutes on 2 cores."""
+    args = ts.parse_args(list(flags))
+    tok = ts.tiny_tokenizer()
+    model = build_model(model_name, tok, torch.device("cpu"))
+    model.train()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    S, A, N = len(args.budgets), args.num_summaries, args.micro_batch
+    row = ar.pack_trace([3] * prompt_len, [4] * args.max_think, args.budgets, args.budgets,
+                        [[1] * insert_len] * S, [[[2] * args.summary_max_tokens] * A] * S)
+    packed = ar.Packed(*(torch.tensor([row[k]] * N) for k in ("input_ids", "position_ids", "prefix_len",
+                                                              "block_start", "adv_index")), S, A)
+    g = torch.Generator().manual_seed(0)
+    thinking_adv, summary_adv = torch.randn(N, S, generator=g), torch.randn(N, S, A, generator=g)
+    t0, live = time.time(), LiveBytes()
+    with live:
+        for p in model.parameters():  # counted too: backward may replace a gradient by a new tensor
+            p.grad = torch.zeros_like(p)
+        grads, live.peak = live.now, live.now
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = ar.anytime_loss(model, packed, thinking_adv, summary_adv, N * args.max_think,
+                                      chunk_size=args.chunk_size, mask_dtype=torch.bfloat16)
+        after_forward, forward_peak = live.now - grads, live.peak - grads
+        loss.backward()
+        del loss
+    return {"model": model_name, "flags": list(flags), "parameters": sum(p.numel() for p in model.parameters()),
+            "rows": N, "tokens_per_row": packed.input_ids.shape[1], "trained_tokens": int((packed.adv_index >= 0).sum()),
+            "grad_bytes": grads, "after_forward_bytes": after_forward, "forward_peak_bytes": forward_peak,
+            "peak_bytes": live.peak - grads, "after_bytes": live.now - grads,
+            "seconds": round(time.time() - t0, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
 # ----------------------------------------------------------------------------
@@ -487,7 +606,7 @@ def machine(device) -> dict:
     return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "gpu": ACCEL.name(device),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
@@ -498,6 +617,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="CUDA; Qwen2.5-0.5B's architecture, random weights")
+    p.add_argument("--cpu-rehearsal", action="store_true",
+                   help="the --gpu run on a CPU at a small size, CUDA's calls replaced: checks the code, not the figures")
+    p.add_argument("--activation-memory", nargs="?", const="", metavar="FLAGS",
+                   help="only: one micro-batch's activation memory at Qwen2.5-0.5B's size, on a CPU, with "
+                        "train_small.py's defaults or FLAGS, e.g. '--micro-batch 2' (docs/performance.md)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs after the warm-up (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--bandwidth-gbs", type=float, default=3350.0,
@@ -508,16 +632,24 @@ def main(argv=None):
     p.add_argument("--out", default="bench_results.json", help="JSON results (default bench_results.json)")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    global ACCEL
+    ACCEL = accelerator("cuda" if a.gpu else "rehearsal" if a.cpu_rehearsal else "cpu")
     if a.memory_child:
         return memory_child(*a.memory_child)
+    if a.activation_memory is not None:
+        return print(json.dumps(activation_memory(shlex.split(a.activation_memory)), indent=1))
     only = set(a.only.split(","))
     if a.repeats < 1 or only - set(SECTIONS):
         p.error(f"--repeats must be >= 1 and --only a subset of {','.join(SECTIONS)}")
     if a.gpu and not torch.cuda.is_available():
-        p.error("--gpu: no CUDA device here")
+        p.error("--gpu: no CUDA device here (python -m experiments.bench --cpu-rehearsal runs its code on a CPU)")
+    if a.gpu and a.cpu_rehearsal:
+        p.error("--gpu or --cpu-rehearsal, not both")
     if a.threads:
         torch.set_num_threads(a.threads)
-    device, c = torch.device("cuda" if a.gpu else "cpu"), SimpleNamespace(**(GPU if a.gpu else CPU))
+    gpu = ACCEL.gpu  # --gpu, or its rehearsal on a CPU
+    device = torch.device("cuda" if a.gpu else "cpu")
+    c = SimpleNamespace(**(GPU if a.gpu else REHEARSAL if a.cpu_rehearsal else CPU))
     tok = ts.tiny_tokenizer()
     prompts, truths = make_prompts(max(64, c.B), c.prompt_len, a.data)
     res, rows, notes, targets, t0 = {}, [], [], [], time.time()
@@ -526,23 +658,28 @@ def main(argv=None):
         if goal:
             targets.append({"name": name, "goal": goal, "ratio": ratio, "met": met})
         rows.append((name, ours, base, ratio, f"{goal}: {'met' if met else 'MISSED'}" if goal else "-"))
+        log("| " + " | ".join(map(str, rows[-1])) + " |")  # as it comes: a run stopped early keeps its rows
 
     def log(msg):
         print(f"[{time.time() - t0:4.0f} s] {msg}", file=sys.stderr, flush=True)
 
-    if a.gpu and "gpu" in only:  # first, while nothing else holds GPU memory
+    if gpu and "gpu" in only:  # first, while nothing else holds GPU memory
         log("GPU: memory of train_small.py's default configuration")
-        r = res["default_memory"] = bench_default_memory(tok, a.data, device)
-        gib = r["peak_reserved_bytes"] / GIB
-        row("G default config peak reserved, GiB", f"{gib:.1f}",
-            f"allocated {r['peak_allocated_bytes'] / GIB:.1f}", "-", "<= 24 GiB", gib <= 24)
-        notes.append("default config: every trace and summary at full length (the worst case); the CUDA context "
-                     "(~0.5 GiB) comes on top")
-        torch.cuda.empty_cache()
-    model = build_model(a.gpu, tok, device)                       # fp32 weights, as train_small.py
-    gen_model = build_model(a.gpu, tok, device, torch.bfloat16) if a.gpu else model
+        r = res["default_memory"] = bench_default_memory(tok, c, device)
+        for part, predicted in (("steps", 17.6), ("evaluation", 21.6)):  # docs/performance.md's prediction
+            gib = r[part]["peak_reserved_bytes"] / GIB
+            row(f"G default config, {part}: peak allocated / reserved, GiB",
+                f"{r[part]['peak_allocated_bytes'] / GIB:.1f} / {gib:.1f}", f"predicted {predicted}", "-",
+                "<= 24 GiB", gib <= 24)
+        notes.append("default config: two steps then an evaluation, every trace and summary at full length (the "
+                     "worst case); the CUDA context (~0.5 GiB) comes on top; s/step "
+                     + ", ".join(f"{x:.1f}" for x in r["steps"]["s_per_step"])
+                     + f"; the evaluation {r['evaluation']['s']:.0f} s")
+        ACCEL.empty_cache()
+    model = build_model(c.model, tok, device)                       # fp32 weights, as train_small.py
+    gen_model = build_model(c.model, tok, device, torch.bfloat16) if gpu else model
     notes.append(f"model: random Qwen2, {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters, "
-                 + ("bf16 for generation, fp32 + bf16 autocast for training" if a.gpu else "fp32"))
+                 + ("bf16 for generation, fp32 + bf16 autocast for training" if gpu else "fp32"))
     notes.append(f"equal work: EOS, </think> and \\boxed{{ are never sampled: every trace thinks {c.max_think} "
                  f"tokens, every summary runs {c.summary}; B={c.B} questions x G={c.G} traces, "
                  f"prompts ~{c.prompt_len} tokens")
@@ -562,8 +699,8 @@ def main(argv=None):
                      "(thinking / summaries) on both sides")
     if "loss" in only:
         log("2. packed loss")
-        if a.gpu:  # as train_small.py; generate() keeps its KV cache
-            model.gradient_checkpointing_enable()
+        if gpu:  # as train_small.py; generate() keeps its KV cache
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
             model.config.use_cache = True
         r = res["loss"] = bench_loss(model, tok, prompts, c, device, a.repeats)
         o, b = r["packed"], r["unpacked"]
@@ -577,7 +714,7 @@ def main(argv=None):
                      f"loss {o['loss']:.6g} vs {b['loss']:.6g}; memory: {r['memory_method']}")
     if "step" in only:
         log("3. RL steps: grpo and ar-uniform")
-        make_model = lambda: build_model(a.gpu, tok, device)
+        make_model = lambda: build_model(c.model, tok, device)
         steps = rl_steps(make_model, tok, prompts, truths, c, device)
         parts, logged = ("s_think", "s_summary", "s_score", "s_update"), {k: [] for k in steps}
         record = lambda k: lambda: logged[k].append(steps[k]())
@@ -622,28 +759,34 @@ def main(argv=None):
                 row(f"5 summary tokens, {name}: median / p99 / max", "{median:.0f} / {p99:.0f} / {max}".format(**r[k]))
             notes.append(f"summary length: {r['questions']} GSM8K questions, Qwen2.5's BPE ({r['vocab']} tokens, "
                          f"`</think>` = {r['think_end_tokens']} tokens); sizes --summary-max-tokens")
-    if a.gpu and "gpu" in only:
+    if gpu and "gpu" in only:
         log("GPU: bandwidth bound")
         r = res["bandwidth"] = bench_bandwidth(gen_model, tok, prompts, c, device, a.repeats, a.bandwidth_gbs)
-        row("G decode tokens/s, 64 rows (vs bound)", f"{r['tokens_per_s']:.0f}", f"{r['bound_tokens_per_s']:.0f}",
+        row(f"G decode tokens/s, {c.decode_rows} rows (vs bound)", f"{r['tokens_per_s']:.0f}", f"{r['bound_tokens_per_s']:.0f}",
             f"{r['fraction_of_bound']:.1%}", ">= 25 %", r["fraction_of_bound"] >= 0.25)
         log("GPU: static cache")
-        r = res["static_cache"] = bench_static_cache(gen_model, tok, prompts, c, device, a.repeats)
-        s, d = r["static"]["median_s"], r["dynamic"]["median_s"]
-        row("G generate, s (static+compile vs dynamic)", f"{s:.3f}", f"{d:.3f}", f"{d / s:.2f}x")
-        notes.append(f"generate: the static KV cache + torch.compile is {'faster' if s < d else 'slower'} "
-                     "than the dynamic one")
+        try:  # torch.compile on a GPU (inductor, CUDA graphs) is the one step a CPU cannot rehearse
+            r = res["static_cache"] = bench_static_cache(gen_model, tok, prompts, c, device, a.repeats)
+        except Exception as e:
+            res["static_cache"] = {"error": f"{type(e).__name__}: {e}"}
+            row("G generate, s (static+compile vs dynamic)", f"failed: {type(e).__name__}: {str(e)[:100]}")
+        else:
+            s, d = r["static"]["median_s"], r["dynamic"]["median_s"]
+            row("G generate, s (static+compile vs dynamic)", f"{s:.3f}", f"{d:.3f}", f"{d / s:.2f}x")
+            notes.append(f"generate: the static KV cache + torch.compile is {'faster' if s < d else 'slower'} "
+                         f"than the dynamic one; its warm-up run, compiling included: {r['static']['warmup_s']:.0f} s")
 
-    report = {"command": "python " + shlex.join(sys.argv), "machine": machine(device), "config": vars(c),
+    command = "python -m experiments.bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    report = {"command": command.rstrip(), "machine": machine(device), "config": vars(c),
               "repeats": a.repeats, "results": res, "targets": targets, "notes": notes,
               "wall_s": round(time.time() - t0, 1)}
-    print(f"\n{report['command']}")
+    # ready for docs/performance.md: the command, the machine and date, a markdown table, the notes
+    print(f"\n`{report['command']}`, {report['wall_s']:.0f} s:")
     print(", ".join(f"{k} {v}" for k, v in report["machine"].items() if v is not None))
-    print(f"median of {a.repeats} runs after a warm-up; the two sides take turns\n")
-    head = ("benchmark", "ours", "baseline", "ratio", "target")
-    widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(5)]
-    for x in [head, ["-" * w for w in widths]] + rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(x, widths)).rstrip())
+    print(f"median of {a.repeats} runs after a warm-up; the two sides take turns"
+          + (". A REHEARSAL on a CPU: the figures mean nothing" if a.cpu_rehearsal else "") + "\n")
+    for x in [("benchmark", "ours", "baseline", "ratio", "target"), ("---",) * 5] + rows:
+        print("| " + " | ".join(map(str, x)) + " |")
     print("\n" + "\n".join("- " + n for n in notes))
     with open(a.out, "w") as f:
         json.dump(report, f, indent=1, default=str)

@@ -104,55 +104,53 @@ _LETTERS = {"B": "questions", "G": "traces per question", "S": "budgets", "A": "
 
 
 def _check(*args, known: dict | None = None) -> dict:
-    """Check the tensors of one call: args are (name, x, "B,G,S") triples (x None: not given),
-    known {letter: (size, whose)} sizes set by other arguments. Each x must be a tensor with one
-    dimension per letter, and each letter must have one size in all of them; a ValueError names
-    the argument that differs from the rest and its expected shape. Returns {letter: size}."""
+    """Check the (name, x, "B,G,S") tensors of one call (x None: not given; known: {letter: (size, whose)})
+    for one dimension per letter, one size per letter, a prior that is a distribution, a prompt_index of
+    budget indices, float log-probs. A ValueError names the argument that differs from the rest."""
     votes, wants = {d: [(n, whose)] for d, (n, whose) in (known or {}).items()}, {}
     for name, x, dims in args:
         if x is None:
             continue
-        letters = dims.split(",")
+        letters, is_tensor = dims.split(","), isinstance(x, torch.Tensor)
         wants[name] = f"[{', '.join(letters)}] ({', '.join(_LETTERS[d] for d in letters)})"
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor of shape {wants[name]}, got {type(x).__name__}")
-        if x.dim() != len(letters):
-            hint = "; for a single question use x[None]" if letters[0] == "B" and x.dim() == len(letters) - 1 else ""
-            raise ValueError(f"{name} must have shape {wants[name]}, got {x.dim()}-D shape {tuple(x.shape)}{hint}")
+        if not is_tensor or x.dim() != len(letters):
+            one = is_tensor and letters[0] == "B" and x.dim() == len(letters) - 1
+            hint = "; for a single question use x[None]" if one else ""
+            got = f"{x.dim()}-D shape {tuple(x.shape)}" if is_tensor else type(x).__name__
+            raise ValueError(f"{name} must have shape {wants[name]}, got {got}{hint}")
         for d, n in zip(letters, x.shape):
             votes.setdefault(d, []).append((n, name))
     for d, vs in votes.items():
         most = max((n for n, _ in vs), key=[n for n, _ in vs].count)   # the size most arguments have
-        odd = [(n, name) for n, name in vs if n != most]
-        if odd:
-            n, name = odd[0]
+        for n, name in (v for v in vs if v[0] != most):
             rest = [whose for m, whose in vs if m == most]
-            want = f"; expected shape {wants[name]}" if name in wants else ""
             raise ValueError(f"{name} {'has' if name in wants else 'have'} {d} = {n} ({_LETTERS[d]}) where "
                              f"{' and '.join(rest)} {'has' if len(rest) == 1 and rest[0] in wants else 'have'} "
-                             f"{d} = {most}{want}")
+                             f"{d} = {most}" + (f"; expected shape {wants[name]}" if name in wants else ""))
+    for name, x, _ in (a for a in args if a[1] is not None):
+        # budget_prior's p = w / sum(w) rounds each p_s once (<= eps/2 of it), so S of them sum to 1
+        # within S eps/2: S eps allowed, eps of float32 or of a coarser dtype (a cast keeps float32's)
+        eps = max(torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0, torch.finfo(torch.float32).eps)
+        if name == "prior" and ((x < 0).any() or abs(x.double().sum().item() - 1) > x.numel() * eps):
+            raise ValueError(f"prior must be >= 0 and sum to 1 (a distribution over the budgets), got "
+                             f"{[round(p, 4) for p in x.tolist()]}; see budget_prior")
+        S = votes["S"][0][0] if "S" in votes else 0
+        if name == "prompt_index" and (x.is_floating_point() or x.dtype == torch.bool
+                                       or x.numel() and (x.min() < 0 or x.max() >= S)):
+            raise ValueError(f"prompt_index must be integer budget indices 0..{S - 1} (S = {S}), got {x.dtype} "
+                             f"{x.min().item()}..{x.max().item()}")
+        if name.endswith("logprobs") and not x.is_floating_point():
+            raise ValueError(f"{name} must be floating-point log-probabilities, got dtype {x.dtype}")
     return {d: vs[0][0] for d, vs in votes.items()}
 
 
-def _check_prior(prior: torch.Tensor) -> None:
-    """A prior is a distribution over the budgets: p_s >= 0, sum 1. budget_prior's p = w / sum(w)
-    rounds each p_s once (<= eps/2 of p_s), so its S values sum to 1 within S eps/2; S eps is
-    allowed, eps of float32 or of the prior's dtype if coarser (a float32 prior cast to float64
-    keeps its float32 rounding)."""
-    eps = max(torch.finfo(prior.dtype).eps if prior.is_floating_point() else 0.0, torch.finfo(torch.float32).eps)
-    total = prior.double().sum().item()
-    if (prior < 0).any() or abs(total - 1) > prior.numel() * eps:
-        raise ValueError(f"prior must be >= 0 and sum to 1 (a distribution over the budgets), got "
-                         f"{[round(x, 4) for x in prior.tolist()]} (sum {total:.6g}); see budget_prior")
-
-
-def _check_index(prompt_index: torch.Tensor, S: int) -> None:
-    """prompt_index[b, g, s] is the budget (0..S-1) whose summary prompt budget s uses."""
-    if prompt_index.is_floating_point() or prompt_index.is_complex() or prompt_index.dtype == torch.bool:
-        raise ValueError(f"prompt_index must hold integers (budget indices 0..S-1), got dtype {prompt_index.dtype}")
-    if prompt_index.numel() and (prompt_index.min() < 0 or prompt_index.max() >= S):
-        raise ValueError(f"prompt_index must be budget indices 0..{S - 1} (S = {S}), got values "
-                         f"{prompt_index.min().item()}..{prompt_index.max().item()}")
+def _check_normaliser(z) -> None:
+    try:
+        ok = not isinstance(z, (str, bytes, bool)) and float(z) > 0 and math.isfinite(float(z))
+    except (TypeError, ValueError, RuntimeError):   # not a number, or a tensor of many
+        ok = False
+    if not ok:
+        raise ValueError(f"normaliser must be a positive number (traces in the update x largest budget), got {z!r}")
 
 
 def _floats(x: torch.Tensor) -> torch.Tensor:
@@ -484,11 +482,10 @@ def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None
 
     scores: B,G,S,A.  prompt_index: B,G,S (budget whose prompt s uses) or None  ->  B,G,S
     """
-    S = _check(("scores", scores, "B,G,S,A"), ("prompt_index", prompt_index, "B,G,S"))["S"]
+    _check(("scores", scores, "B,G,S,A"), ("prompt_index", prompt_index, "B,G,S"))
     scores = _floats(scores)
     if prompt_index is None:
         return scores.mean(-1)
-    _check_index(prompt_index, S)
     # scatter_add: slot k sums the scores and counts of every budget whose prompt is k; gather: each
     # budget reads its prompt's slot. prompt_index [0, 1, 2, 2]: r[2] = r[3] = mean of all 2A scores
     sums = torch.zeros(scores.shape[:-1], dtype=scores.dtype).scatter_add_(-1, prompt_index, scores.sum(-1))
@@ -499,7 +496,6 @@ def pooled_scores(scores: torch.Tensor, prompt_index: torch.Tensor | None = None
 def returns_to_go(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     """R[g,s] = sum_{k>=s} p_k r[g,k].   scores: B,G,S;  prior: S  ->  B,G,S"""
     _check(("scores", scores, "B,G,S"), ("prior", prior, "S"))
-    _check_prior(prior)
     return (_floats(scores) * prior).flip(-1).cumsum(-1).flip(-1)  # cumsum from the right: sum over k >= s
 
 
@@ -521,7 +517,6 @@ def v1_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     more (each budget twice the one before: the module docstring says why).
     """
     _check(("scores", scores, "B,G,S"), ("prior", prior, "S"))
-    _check_prior(prior)
     scores, S = _floats(scores), scores.shape[-1]
     w = 2.0 ** torch.arange(S, dtype=scores.dtype)                 # S
     num = (scores * w).cumsum(-1) - scores * w                     # sum over k < s (exclusive)
@@ -538,7 +533,6 @@ def brpo_baseline(scores: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     same for evenly spaced budgets.)
     """
     _check(("scores", scores, "B,G,S"), ("prior", prior, "S"))
-    _check_prior(prior)
     scores, S = _floats(scores), scores.shape[-1]
     s = torch.arange(S, dtype=scores.dtype)                        # S
     return (s * v1_baseline(scores, prior) + (S - s) * v2_baseline(returns_to_go(scores, prior))) / S
@@ -557,7 +551,6 @@ def thinking_advantages(scores: torch.Tensor, prior: torch.Tensor, method: str =
     One question's G traces are scores[None]: the group mean V2 is taken over dim 1.
     """
     _check(("scores", scores, "B,G,S"), ("prior", prior, "S"))
-    _check_prior(prior)
     R = returns_to_go(scores, prior)
     if method == "brpo":
         baseline = brpo_baseline(scores, prior)
@@ -590,10 +583,8 @@ def summary_advantages(scores: torch.Tensor, method: str = "brpo",
     summaries learn at every budget even under the base prior.
     grpo: only the last budget's summaries get an advantage; the others get 0.
     """
-    S = _check(("scores", scores, "B,G,S,A"), ("prompt_index", prompt_index, "B,G,S"))["S"]
+    _check(("scores", scores, "B,G,S,A"), ("prompt_index", prompt_index, "B,G,S"))
     scores = _floats(scores)
-    if prompt_index is not None:
-        _check_index(prompt_index, S)
     if method not in SUMMARY_METHODS:
         raise ValueError(f"unknown summary method {method!r}; choose one of {SUMMARY_METHODS}")
     A = scores.shape[-1]
@@ -833,16 +824,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     """
     _check(("logprobs", logprobs, "N,T"), ("old_logprobs", old_logprobs, "N,T"),
            ("advantages", advantages, "N,T"), ("mask", mask, "N,T"), ("ref_logprobs", ref_logprobs, "N,T"))
-    for name, x in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if x is not None and not x.is_floating_point():
-            raise ValueError(f"{name} must be floating-point log-probabilities, got dtype {x.dtype}")
-    try:   # a number or a 0-d tensor, not text
-        z = math.nan if isinstance(normaliser, (str, bytes, bool)) else float(normaliser)
-    except (TypeError, ValueError, RuntimeError):
-        z = math.nan
-    if not (z > 0 and math.isfinite(z)):
-        raise ValueError(f"normaliser must be a positive number (e.g. traces in the update x largest "
-                         f"budget), got {normaliser!r}")
+    _check_normaliser(normaliser)
     mask = mask.to(logprobs.dtype)
     logratio = logprobs - old_logprobs
     ratio = logratio.exp()
@@ -903,7 +885,6 @@ def variance_diagnostics(scores: torch.Tensor, prior: torch.Tensor, think_len: t
     traces or Var[R] = 0. The paper's variance figure: a lower ratio is a better baseline.
     """
     sizes = _check(("scores", scores, "B,G,S"), ("prior", prior, "S"), ("think_len", think_len, "B,G"))
-    _check_prior(prior)
     scores = _floats(scores)
     budgets = check_budgets(budgets)
     if len(budgets) != sizes["S"]:

@@ -3341,10 +3341,10 @@ def _bad_input_cases():
         "normaliser text": (lambda: ar.policy_loss(lp, lp, lp, mask, "7"), "normaliser must be a positive number"),
         "integer logprobs": (lambda: ar.policy_loss(lp.long(), lp, lp, mask, 1.0), "logprobs must be floating-point"),
         "integer old_logprobs": (lambda: ar.policy_loss(lp, lp.long(), lp, mask, 1.0), "old_logprobs must be floating"),
-        "float prompt_index": (lambda: ar.summary_advantages(scores, "brpo", index.float()), "prompt_index must hold integers"),
-        "prompt_index = S": (lambda: ar.pooled_scores(scores, index + 4), "prompt_index must be budget indices 0..3"),
+        "float prompt_index": (lambda: ar.summary_advantages(scores, "brpo", index.float()), "prompt_index must be integer budget indices 0..3 (S = 4), got torch.float32"),
+        "prompt_index = S": (lambda: ar.pooled_scores(scores, index + 4), "prompt_index must be integer budget indices 0..3"),
         "prompt_index < 0": (lambda: ar.summary_advantages(scores, "brpo", index - 1), "budget indices 0..3 (S = 4)"),
-        "anytime_accuracy index": (lambda: ar.anytime_accuracy(scores, index + 9), "prompt_index must be budget indices"),
+        "anytime_accuracy index": (lambda: ar.anytime_accuracy(scores, index + 9), "prompt_index must be integer budget indices"),
         # the argument that differs from the rest is the one named
         "thinking_adv S": (lambda: ar.token_advantages(packed, torch.zeros(6, 3), torch.zeros(6, 4, 2)),
                            "thinking_adv has S = 3 (budgets) where the packed rows and summary_adv have S = 4"),

@@ -2502,21 +2502,19 @@ def test_the_demo_s_threads_are_chosen_from_the_load_and_said(monkeypatch, capsy
 
 @long_check
 def test_the_demo_shows_what_the_readme_claims(tmp_path):
-    """The whole demo, as the README gives it (seed 0, default settings, 2 to 5 minutes), and the
-    claim that held on every CPU and seed measured (docs/demo.md), never one machine's digits:
-    AnytimeReasoner's anytime score beats GRPO's by at least 0.15, its accuracy is higher by at
-    least 0.1 at each budget from 6 to 15 tokens, both end at 0.99 or above at the last budget,
-    and its thinking is shorter (it learned to drop the filler)."""
+    """The whole demo, as the README gives it (seed 0, default settings), and what it claims for
+    every run (docs/demo.md: 20 runs, seeds 0-9 on two kinds of CPU kernels), never one machine's
+    digits nor a number at the edge of the measured range: AnytimeReasoner's anytime score is at
+    least 0.10 above the model's before RL (seen: 0.159 to 0.299, sd 0.029) and its thinking at
+    least 3 tokens shorter (seen: 4.2 to 6.6, sd 0.58), each two sds below the smallest seen."""
     r = run_script("--demo", "--out-dir", str(tmp_path), timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     assert re.search(r"^[12] CPU threads? \(.*; 1 and 2 give the same result\)$", r.stdout, re.M)   # said
     res = json.loads((tmp_path / "demo_results.json").read_text())
-    ar_, grpo = res["ar-uniform"], res["grpo"]
-    assert ar_["budgets"] == grpo["budgets"] == list(range(3, 25, 3))
-    assert ar_["anytime_score"] - grpo["anytime_score"] >= 0.15
-    assert all(a - g >= 0.1 for b, a, g in zip(ar_["budgets"], ar_["accuracy"], grpo["accuracy"]) if 6 <= b <= 15)
-    assert ar_["accuracy"][-1] >= 0.99 and grpo["accuracy"][-1] >= 0.99
-    assert ar_["mean_think_len"] < grpo["mean_think_len"] - 3 and ar_["mean_think_len"] < res["before"]["mean_think_len"] - 3
+    before, ar_, grpo = res["before"], res["ar-uniform"], res["grpo"]
+    assert ar_["budgets"] == grpo["budgets"] == before["budgets"] == list(range(3, 25, 3))
+    assert ar_["anytime_score"] - before["anytime_score"] >= 0.10
+    assert ar_["mean_think_len"] <= before["mean_think_len"] - 3
 
 
 @long_check

@@ -860,7 +860,7 @@ def file_sections() -> dict[str, str]:
              and lines[i + 2].startswith("# ---") and re.match(r"# (\d+\.|Appendix [A-Z]\.)", lines[i + 1])]
     out = {"top": "\n".join(lines[lines.index("from __future__ import annotations"):rules[0]])}
     for k, start in enumerate(rules):
-        words = lines[start + 1][2:].split()           # "3. Budgets and ..." or "Appendix A. ..."
+        words = lines[start + 1][2:].split()           # "2. Budgets and ..." or "Appendix A. ..."
         name = f"section {words[0].rstrip('.')}" if words[0][0].isdigit() else f"appendix {words[1].rstrip('.')}"
         out[name] = "\n".join(lines[start:rules[k + 1] if k + 1 < len(rules) else len(lines)])
     return out
@@ -1467,7 +1467,7 @@ def test_score_summary_format_rules():
 
 
 def test_checker_heading_is_the_format_heading():
-    assert ar._HEADING == ar.ANSWER_HEADING  # section 2 repeats it so that it copies alone
+    assert ar._HEADING == ar.ANSWER_HEADING  # appendix A repeats section 1's heading so that it copies alone
 
 
 COMPLETIONS = [  # (completion, its reward for the truth 12), the prompt having opened <think> or not

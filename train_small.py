@@ -1,7 +1,7 @@
 """Train a small model for anytime reasoning with BRPO (AnytimeReasoner), on one GPU.
 
     python train_small.py                                  # Qwen2.5-0.5B-Instruct, GSM8K, preset ar-uniform
-    python train_small.py --preset grpo                    # the final-answer GRPO baseline
+    python train_small.py --preset grpo --out-dir out-grpo # the final-answer GRPO baseline
     python train_small.py --model Qwen/Qwen3-0.6B          # native thinking, </think> is one token
     python train_small.py --data-dir path/to/gsm8k         # local train.jsonl and test.jsonl (else downloaded once)
     python train_small.py --resume out/ckpt                # continue exactly where a run stopped

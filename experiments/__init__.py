@@ -1,2 +1,2 @@
-"""Experiments on top of anytime_reasoner.py and train_small.py: the demo, the ablation, the
-benchmark, the worked example."""
+"""Experiments on top of anytime_reasoner.py and train_small.py: the ablation, the benchmark,
+the worked example (the demo lives in train_small.py)."""

@@ -2603,6 +2603,7 @@ def test_a_stopped_demo_never_overwrites_a_finished_one(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert f"run `python train_small.py --demo --out-dir {tmp_path} --overwrite` again" in out   # a command that works
     assert demo_files(tmp_path) == finished                    # byte for byte
     assert (tmp_path / "partial" / "metrics-ar-base.jsonl").is_file()
     (tmp_path / "partial" / "stray.txt").write_text("not the demo's")

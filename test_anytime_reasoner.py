@@ -515,6 +515,8 @@ def test_token_advantages(tiny):
         assert (adv[n, :P] == 0).all()
         assert (adv[n][packed.adv_index[n] < 0] == 0).all()
         assert set(adv[n][adv[n] < 0].tolist()) <= set(summ_adv[n].flatten().tolist())
+    untrained = packed.adv_index < 0   # 0 there, never -0. (printed as -0.000), negative advantages too
+    assert not ar.token_advantages(packed, -think_adv, summ_adv)[untrained].signbit().any()
 
 
 # ----------------------------------------------------------------------------

@@ -3369,7 +3369,9 @@ def test_good_inputs_pass_the_checks():
     integer prior, integer or bool scores, a 0-d tensor normaliser, an int normaliser."""
     r = torch.tensor([[[1, 0, 1], [0, 0, 1]]])
     p32 = ar.budget_prior("linear", [100, 300, 700])     # 1/11, 3/11, 7/11: each rounded in float32
-    for p in (p32, p32.double(), torch.tensor([0, 0, 1])):
+    third = ar.budget_prior("uniform", [1, 2, 3]).double()   # 3 x float32(1/3) = 1 + 3e-8, not 1
+    assert third.sum().item() != 1.0
+    for p in (p32, p32.double(), third, torch.tensor([0, 0, 1])):
         ar.thinking_advantages(r, p)
     ar.summary_advantages(torch.ones(1, 2, 3, 2, dtype=torch.bool), "brpo", torch.tensor([0, 1, 1]).expand(1, 2, 3))
     lp = torch.zeros(2, 3)

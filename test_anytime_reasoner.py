@@ -2972,6 +2972,8 @@ def test_quickstart_is_what_ci_runs():
             assert command in ci, command
     long = re.search(r"`(AR_LONG=1 python -m pytest[^`]*)`", quickstart).group(1)   # the long checks, as CI runs them
     assert long in ci and ci.index(long) > ci.index("python -m pytest -q test_anytime_reasoner.py")
+    extras = next(i for i, line in enumerate(ci) if line.startswith("pip install") and "matplotlib" in line)
+    assert ci.index("python -m pytest -q test_anytime_reasoner.py") < extras     # first as a newcomer has it
     ci_torch = next(i for i, line in enumerate(ci) if line.startswith("pip install") and "torch" in line)
     assert ci_torch < ci.index(install)
     words = install.split()
